@@ -1,0 +1,66 @@
+"""MegDet config keys. `add_megdet_config(cfg)` is the only way they enter a config.
+
+Call it on a fresh ``get_cfg()`` before merging a YAML file; nothing here touches detectron2's
+global default config at import time.
+"""
+import torch
+from detectron2.config import CfgNode as CN
+
+
+def add_megdet_config(cfg):
+    """Add the MegDet keys (CGBN groups, linear-scaling LR policy, quickstart data) to ``cfg``."""
+    _C = cfg
+
+    # Detectron2 defaults to "cuda"; run out of the box on CPU-only machines. An explicit
+    # "cuda" in a YAML file or on the command line still wins (and is validated at start-up).
+    _C.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+    # ---------------------------------------------------------------------------------------
+    # CGBN: cross-GPU batch normalisation (paper §3.3). Select it with NORM: "CGBN" on any
+    # detectron2 norm key (MODEL.RESNETS.NORM, MODEL.FPN.NORM, MODEL.ROI_BOX_HEAD.NORM, ...).
+    # ---------------------------------------------------------------------------------------
+    _C.MODEL.CGBN = CN()
+    # Processes whose batch statistics are reduced together:
+    #   0  = the processes of one machine (the paper's setting; detectron2's per-machine group),
+    #   k  = consecutive blocks of k ranks (k must divide the world size; may span machines),
+    #   -1 = all ranks.
+    # BN size (images per statistic) = group size x images per process.
+    _C.MODEL.CGBN.GROUP_SIZE = 0
+
+    # ---------------------------------------------------------------------------------------
+    # LR policy (paper §3.2, §4), used with SOLVER.LR_SCHEDULER_NAME: "LinearScalingWarmupLR".
+    # ---------------------------------------------------------------------------------------
+    _C.SOLVER.MEGDET = CN()
+    # SOLVER.BASE_LR is the rate r at this mini-batch size; the peak rate is
+    # k * r with k = SOLVER.IMS_PER_BATCH / REFERENCE_BATCH_SIZE (linear scaling rule).
+    _C.SOLVER.MEGDET.REFERENCE_BATCH_SIZE = 16
+    # Schedule preset: "normal" (x0.1 at epochs 8 and 10, end at 11), "long" (x0.1 at 11 and 14,
+    # x0.5 at 17, end at 18), or "" to use SOLVER.MAX_ITER / STEPS / GAMMA as written.
+    _C.SOLVER.MEGDET.SCHEDULE = ""
+    # Training images per epoch for presets; 0 = count the registered training set (after
+    # detectron2's filtering of empty images). apply_schedule_preset writes the count back here.
+    _C.SOLVER.MEGDET.EPOCH_SIZE = 0
+    # Under a preset: evaluate / checkpoint every this many epochs (0 = keep TEST.EVAL_PERIOD /
+    # SOLVER.CHECKPOINT_PERIOD as written).
+    _C.SOLVER.MEGDET.EVAL_PERIOD_EPOCHS = 1
+    _C.SOLVER.MEGDET.CHECKPOINT_PERIOD_EPOCHS = 1
+    # LR factor applied at each of SOLVER.STEPS (same length), cumulatively; [] = SOLVER.GAMMA at
+    # every step. Filled by a preset ("long" needs [0.1, 0.1, 0.5]); used by LinearScalingWarmupLR.
+    _C.SOLVER.MEGDET.STEP_GAMMAS = []
+    # Derived, not an input: iterations per epoch, ceil(EPOCH_SIZE / IMS_PER_BATCH), written by
+    # apply_schedule_preset (0 = no preset applied); lets hooks convert iterations to epochs.
+    _C.SOLVER.MEGDET.ITERS_PER_EPOCH = 0
+
+    # ---------------------------------------------------------------------------------------
+    # Built-in quickstart data: coloured shapes on small canvases, generated deterministically
+    # to COCO json + PNG files and registered as "megdet_shapes_train" / "megdet_shapes_val".
+    # ---------------------------------------------------------------------------------------
+    _C.DATASETS.QUICKSTART = CN()
+    # Folder the data is written to ("" = $DETECTRON2_DATASETS/megdet_shapes, default
+    # ./datasets/megdet_shapes). Generated once; later runs reuse the files.
+    _C.DATASETS.QUICKSTART.ROOT = ""
+    _C.DATASETS.QUICKSTART.NUM_TRAIN = 512
+    _C.DATASETS.QUICKSTART.NUM_VAL = 64
+    # Square canvas side in pixels.
+    _C.DATASETS.QUICKSTART.IMAGE_SIZE = 128
+    _C.DATASETS.QUICKSTART.SEED = 0

@@ -1,0 +1,10 @@
+from .quickstart import (
+    CLASSES,
+    TRAIN_NAME,
+    VAL_NAME,
+    generate_split,
+    prepare_quickstart_data,
+    register_quickstart_datasets,
+)
+
+__all__ = [k for k in globals().keys() if not k.startswith("_")]

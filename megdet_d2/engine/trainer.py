@@ -1,0 +1,54 @@
+"""``MegDetTrainer``: detectron2's ``DefaultTrainer`` that also runs multi-process on CPU.
+
+Detectron2's ``create_ddp_model`` always passes ``device_ids=[local_rank]``, which
+``DistributedDataParallel`` rejects for CPU modules, so ``DefaultTrainer`` cannot train with
+several CPU (gloo) processes. ``create_ddp_model`` here leaves ``device_ids`` unset for CPU models
+and defers to detectron2 otherwise; ``MegDetTrainer`` uses it and changes nothing else.
+"""
+import contextlib
+import os
+
+import torch
+from detectron2.engine import DefaultTrainer
+from detectron2.engine import defaults as d2_defaults
+from detectron2.utils import comm
+
+__all__ = ["MegDetTrainer", "create_ddp_model", "set_cpu_threads"]
+
+_d2_create_ddp_model = d2_defaults.create_ddp_model
+
+
+def create_ddp_model(model, **kwargs):
+    """Like detectron2's ``create_ddp_model``; CPU models get DDP without ``device_ids``."""
+    if next(model.parameters()).device.type == "cpu":
+        kwargs.setdefault("device_ids", None)
+    return _d2_create_ddp_model(model, **kwargs)
+
+
+@contextlib.contextmanager
+def _wrap_models_with(fn):
+    """Make ``DefaultTrainer.__init__`` wrap its model with ``fn``, only inside this block."""
+    d2_defaults.create_ddp_model = fn
+    try:
+        yield
+    finally:
+        d2_defaults.create_ddp_model = _d2_create_ddp_model
+
+
+class MegDetTrainer(DefaultTrainer):
+    """``DefaultTrainer`` whose model wrapping also works for CPU models (gloo)."""
+
+    def __init__(self, cfg):
+        with _wrap_models_with(create_ddp_model):
+            super().__init__(cfg)
+
+
+def set_cpu_threads(cfg):
+    """Split the machine's cores among the CPU processes of this machine (as torchrun does).
+
+    Every process otherwise starts one thread per core, and N processes oversubscribe N-fold.
+    An explicit ``OMP_NUM_THREADS`` wins.
+    """
+    procs = comm.get_local_size()
+    if cfg.MODEL.DEVICE == "cpu" and procs > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // procs))

@@ -1,0 +1,3 @@
+from .coco import MegDetCOCOEvaluator
+
+__all__ = ["MegDetCOCOEvaluator"]

@@ -1,0 +1,52 @@
+"""COCO evaluation reporting both mmAP and mmAR, as the paper does.
+
+Detectron2's ``COCOEvaluator`` keeps only the six AP numbers of ``COCOeval.stats``; the paper
+also reports mmAR (average recall over IoU .50:.95 with 100 detections per image). This subclass
+adds the recall half of ``stats`` and writes every number to ``<output_dir>/coco_metrics.json``.
+It uses detectron2's C++ evaluator when that is built and pycocotools otherwise (same numbers).
+"""
+import json
+import os
+
+from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
+from detectron2.utils.file_io import PathManager
+
+__all__ = ["MegDetCOCOEvaluator"]
+
+# Positions of the recall numbers in COCOeval.stats, per iou_type.
+_RECALL_STATS = {
+    "bbox": {"AR@1": 6, "AR@10": 7, "AR": 8, "ARs": 9, "ARm": 10, "ARl": 11},
+    "segm": {"AR@1": 6, "AR@10": 7, "AR": 8, "ARs": 9, "ARm": 10, "ARl": 11},
+    "keypoints": {"AR": 5, "AR50": 6, "AR75": 7, "ARm": 8, "ARl": 9},
+}
+
+
+class MegDetCOCOEvaluator(COCOEvaluator):
+    """``COCOEvaluator`` + average recall: ``AR`` is mmAR (AR@100, IoU .50:.95), ``AP`` is mmAP."""
+
+    def _derive_coco_results(self, coco_eval, iou_type, class_names=None):
+        results = super()._derive_coco_results(coco_eval, iou_type, class_names=class_names)
+        recall = _RECALL_STATS[iou_type]
+        if coco_eval is None:
+            results.update({name: float("nan") for name in recall})
+            return results
+        stats = coco_eval.stats
+        results.update(
+            {name: float(stats[i] * 100) if stats[i] >= 0 else float("nan") for name, i in recall.items()}
+        )
+        self._logger.info(
+            f"{iou_type}: mmAP = {results['AP']:.2f}, mmAR = {results['AR']:.2f} "
+            "(IoU .50:.95, 100 detections per image)"
+        )
+        return results
+
+    def evaluate(self, img_ids=None):
+        results = super().evaluate(img_ids)
+        if results and self._output_dir and comm.is_main_process():
+            PathManager.mkdirs(self._output_dir)
+            path = os.path.join(self._output_dir, "coco_metrics.json")
+            with PathManager.open(path, "w") as f:
+                json.dump(results, f, indent=2)
+            self._logger.info(f"Wrote COCO metrics to {path}")
+        return results

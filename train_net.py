@@ -1,0 +1,74 @@
+#!/usr/bin/env python
+"""MegDet training and evaluation script: detectron2's stock ``train_net.py`` plus MegDet.
+
+    python train_net.py --num-gpus 8 --config-file configs/COCO-Detection/megdet/<row>.yaml
+    python train_net.py --eval-only --config-file <cfg> MODEL.WEIGHTS <checkpoint>
+
+Works with several CPU processes too (gloo), e.g. the quickstart in the README.
+"""
+import logging
+import os
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.modeling import build_model
+
+from megdet_d2 import add_megdet_config
+from megdet_d2.data import register_quickstart_datasets
+from megdet_d2.engine import MegDetTrainer, set_cpu_threads
+from megdet_d2.evaluation import MegDetCOCOEvaluator
+
+logger = logging.getLogger("detectron2")
+
+
+class Trainer(MegDetTrainer):
+    """DefaultTrainer (CPU-safe model wrapping) with MegDet's evaluator."""
+
+    @classmethod
+    def build_model(cls, cfg):
+        return build_model(cfg)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return MegDetCOCOEvaluator(dataset_name, output_dir=output_folder)
+
+
+def setup(args):
+    cfg = get_cfg()
+    add_megdet_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    register_quickstart_datasets(cfg)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    set_cpu_threads(cfg)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        return Trainer.test(cfg, model)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
