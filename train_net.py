@@ -6,6 +6,7 @@
 
 Works with several CPU processes too (gloo), e.g. the quickstart in the README.
 """
+
 import logging
 import os
 
@@ -14,7 +15,8 @@ from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.modeling import build_model
 
-from megdet_d2 import add_megdet_config
+import megdet_d2
+from megdet_d2 import add_megdet_config, apply_schedule_preset, check_solver_config
 from megdet_d2.data import register_quickstart_datasets
 from megdet_d2.engine import MegDetTrainer, set_cpu_threads
 from megdet_d2.evaluation import MegDetCOCOEvaluator
@@ -23,7 +25,7 @@ logger = logging.getLogger("detectron2")
 
 
 class Trainer(MegDetTrainer):
-    """DefaultTrainer (CPU-safe model wrapping) with MegDet's evaluator."""
+    """DefaultTrainer (CPU-safe model wrapping) with MegDet's evaluator and LR policy."""
 
     @classmethod
     def build_model(cls, cfg):
@@ -35,6 +37,10 @@ class Trainer(MegDetTrainer):
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return MegDetCOCOEvaluator(dataset_name, output_dir=output_folder)
 
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        return megdet_d2.build_lr_scheduler(cfg, optimizer)
+
 
 def setup(args):
     cfg = get_cfg()
@@ -42,6 +48,9 @@ def setup(args):
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     register_quickstart_datasets(cfg)
+    if not args.eval_only:
+        apply_schedule_preset(cfg)
+        check_solver_config(cfg)
     cfg.freeze()
     default_setup(cfg, args)
     return cfg

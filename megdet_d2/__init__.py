@@ -1,8 +1,26 @@
 """megdet_d2: MegDet (Peng et al., CVPR 2018) for Detectron2.
 
-Public API is re-exported here; importing the package also registers CGBN and the LR policy
-into Detectron2 (see the imports marked "registration").
+The public API is re-exported here. Importing the package also registers MegDet's pieces into
+Detectron2 (imports marked "registration"); it never changes detectron2's default config.
 """
 from .config import add_megdet_config
 
-__all__ = ["add_megdet_config"]
+# registration: scheduler "LinearScalingWarmupLR", presets "normal" / "long"
+from .solver import (
+    LR_SCHEDULER_REGISTRY,
+    SCHEDULE_PRESETS,
+    apply_schedule_preset,
+    build_lr_scheduler,
+    check_solver_config,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LR_SCHEDULER_REGISTRY",
+    "SCHEDULE_PRESETS",
+    "add_megdet_config",
+    "apply_schedule_preset",
+    "build_lr_scheduler",
+    "check_solver_config",
+]

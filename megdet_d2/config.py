@@ -3,6 +3,7 @@
 Call it on a fresh ``get_cfg()`` before merging a YAML file; nothing here touches detectron2's
 global default config at import time.
 """
+
 import torch
 from detectron2.config import CfgNode as CN
 
@@ -14,6 +15,9 @@ def add_megdet_config(cfg):
     # Detectron2 defaults to "cuda"; run out of the box on CPU-only machines. An explicit
     # "cuda" in a YAML file or on the command line still wins (and is validated at start-up).
     _C.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+    # Iterations between writes of metrics.json / TensorBoard / the console (detectron2's
+    # DefaultTrainer hard-codes 20; LazyConfig calls this train.log_period).
+    _C.LOG_PERIOD = 20
 
     # ---------------------------------------------------------------------------------------
     # CGBN: cross-GPU batch normalisation (paper §3.3). Select it with NORM: "CGBN" on any

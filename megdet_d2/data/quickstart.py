@@ -5,6 +5,7 @@ circles and triangles deterministically (same seed, same bytes), writes PNG imag
 instances json per split, and registers them with detectron2's ``register_coco_instances``, so the
 whole stock pipeline (dataset mapper, COCOEvaluator, pycocotools) runs exactly as on COCO.
 """
+
 import json
 import logging
 import os

@@ -3,14 +3,17 @@
 Detectron2's ``create_ddp_model`` always passes ``device_ids=[local_rank]``, which
 ``DistributedDataParallel`` rejects for CPU modules, so ``DefaultTrainer`` cannot train with
 several CPU (gloo) processes. ``create_ddp_model`` here leaves ``device_ids`` unset for CPU models
-and defers to detectron2 otherwise; ``MegDetTrainer`` uses it and changes nothing else.
+and defers to detectron2 otherwise. ``MegDetTrainer`` uses it, and writes metrics every
+``cfg.LOG_PERIOD`` iterations; nothing else differs from ``DefaultTrainer``.
 """
+
 import contextlib
 import os
 
 import torch
 from detectron2.engine import DefaultTrainer
 from detectron2.engine import defaults as d2_defaults
+from detectron2.engine import hooks
 from detectron2.utils import comm
 
 __all__ = ["MegDetTrainer", "create_ddp_model", "set_cpu_threads"]
@@ -36,11 +39,19 @@ def _wrap_models_with(fn):
 
 
 class MegDetTrainer(DefaultTrainer):
-    """``DefaultTrainer`` whose model wrapping also works for CPU models (gloo)."""
+    """``DefaultTrainer`` whose model wrapping also works for CPU models (gloo), and which
+    writes metrics every ``cfg.LOG_PERIOD`` iterations."""
 
     def __init__(self, cfg):
         with _wrap_models_with(create_ddp_model):
             super().__init__(cfg)
+
+    def build_hooks(self):
+        ret = super().build_hooks()
+        for hook in ret:
+            if isinstance(hook, hooks.PeriodicWriter):
+                hook._period = self.cfg.LOG_PERIOD  # DefaultTrainer hard-codes 20
+        return ret
 
 
 def set_cpu_threads(cfg):

@@ -5,6 +5,7 @@ also reports mmAR (average recall over IoU .50:.95 with 100 detections per image
 adds the recall half of ``stats`` and writes every number to ``<output_dir>/coco_metrics.json``.
 It uses detectron2's C++ evaluator when that is built and pycocotools otherwise (same numbers).
 """
+
 import json
 import os
 
@@ -33,7 +34,10 @@ class MegDetCOCOEvaluator(COCOEvaluator):
             return results
         stats = coco_eval.stats
         results.update(
-            {name: float(stats[i] * 100) if stats[i] >= 0 else float("nan") for name, i in recall.items()}
+            {
+                name: float(stats[i] * 100) if stats[i] >= 0 else float("nan")
+                for name, i in recall.items()
+            }
         )
         self._logger.info(
             f"{iou_type}: mmAP = {results['AP']:.2f}, mmAR = {results['AR']:.2f} "

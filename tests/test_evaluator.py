@@ -1,0 +1,66 @@
+"""MegDetCOCOEvaluator: detectron2's COCO AP plus mmAR, written to the output folder."""
+
+import json
+import math
+from collections import Counter
+
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog
+from detectron2.structures import Boxes, BoxMode, Instances
+
+from megdet_d2 import add_megdet_config
+from megdet_d2.data import VAL_NAME, register_quickstart_datasets
+from megdet_d2.evaluation import MegDetCOCOEvaluator
+
+RECALL_KEYS = ("AR@1", "AR@10", "AR", "ARs", "ARm", "ARl")
+
+
+def _val_dicts(tmp_path):
+    cfg = get_cfg()
+    add_megdet_config(cfg)
+    cfg.DATASETS.TEST = (VAL_NAME,)
+    cfg.DATASETS.QUICKSTART.ROOT = str(tmp_path / "data")
+    cfg.DATASETS.QUICKSTART.NUM_VAL = 6
+    register_quickstart_datasets(cfg)
+    return DatasetCatalog.get(VAL_NAME)
+
+
+def _run(evaluator, dicts, keep):
+    evaluator.reset()
+    for d in dicts:
+        objs = d["annotations"][:keep]
+        inst = Instances((d["height"], d["width"]))
+        boxes = [BoxMode.convert(o["bbox"], o["bbox_mode"], BoxMode.XYXY_ABS) for o in objs]
+        inst.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+        inst.scores = torch.ones(len(objs))
+        inst.pred_classes = torch.tensor([o["category_id"] for o in objs], dtype=torch.int64)
+        evaluator.process([{"image_id": d["image_id"]}], [{"instances": inst}])
+    return evaluator.evaluate()
+
+
+def test_perfect_detections_give_full_ap_and_ar_and_a_metrics_file(tmp_path):
+    dicts = _val_dicts(tmp_path)
+    out = tmp_path / "inference"
+    evaluator = MegDetCOCOEvaluator(VAL_NAME, output_dir=str(out), distributed=False)
+    results = _run(evaluator, dicts, keep=None)["bbox"]
+    assert math.isclose(results["AP"], 100.0) and math.isclose(results["AR"], 100.0)
+    assert math.isclose(results["AR@10"], 100.0)
+    with open(out / "coco_metrics.json") as f:
+        assert json.load(f)["bbox"]["AR"] == results["AR"]
+
+
+def test_missing_detections_lower_recall(tmp_path):
+    dicts = _val_dicts(tmp_path)
+    evaluator = MegDetCOCOEvaluator(VAL_NAME, distributed=False)
+    results = _run(evaluator, dicts, keep=1)["bbox"]
+    # COCO recall is averaged over categories: per category, found / present (exact boxes).
+    found, present = Counter(), Counter()
+    for d in dicts:
+        present.update(o["category_id"] for o in d["annotations"])
+        found.update(o["category_id"] for o in d["annotations"][:1])
+    assert sum(present.values()) > len(dicts)  # some images hold several objects
+    expected = 100.0 * sum(found[c] / present[c] for c in present) / len(present)
+    assert expected < 100.0
+    assert math.isclose(results["AR"], expected, rel_tol=1e-6)
+    assert set(RECALL_KEYS) <= set(results)

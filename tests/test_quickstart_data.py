@@ -1,0 +1,93 @@
+"""The built-in dataset: real COCO json on disk, deterministic, registered with detectron2."""
+
+import filecmp
+import json
+import multiprocessing as mp
+import os
+
+import pytest
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from PIL import Image
+from pycocotools.coco import COCO
+
+from megdet_d2 import add_megdet_config
+from megdet_d2.data import (
+    CLASSES,
+    TRAIN_NAME,
+    VAL_NAME,
+    prepare_quickstart_data,
+    register_quickstart_datasets,
+)
+
+
+def _prepare(root):
+    return prepare_quickstart_data(root, num_train=12, num_val=6, image_size=64, seed=3)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("shapes"))
+    return root, _prepare(root)
+
+
+def test_json_loads_with_pycocotools_and_boxes_lie_inside_images(data):
+    _, paths = data
+    json_file, image_root = paths[TRAIN_NAME]
+    coco = COCO(json_file)
+    assert len(coco.getImgIds()) == 12
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(CLASSES)
+    anns = coco.loadAnns(coco.getAnnIds())
+    assert len(anns) >= 12  # at least one object per image
+    for ann in anns:
+        img = coco.loadImgs(ann["image_id"])[0]
+        x, y, w, h = ann["bbox"]
+        assert w > 0 and h > 0
+        assert 0 <= x and x + w <= img["width"] and 0 <= y and y + h <= img["height"]
+        with Image.open(os.path.join(image_root, img["file_name"])) as im:
+            assert im.size == (img["width"], img["height"]) == (64, 64)
+
+
+def test_same_seed_gives_identical_files_and_other_seed_differs(data, tmp_path):
+    root, paths = data
+    again = _prepare(str(tmp_path / "again"))
+    for name in (TRAIN_NAME, VAL_NAME):
+        (json_a, dir_a), (json_b, dir_b) = paths[name], again[name]
+        assert filecmp.cmp(json_a, json_b, shallow=False)
+        files = sorted(os.listdir(dir_a))
+        assert files == sorted(os.listdir(dir_b))
+        match, mismatch, errors = filecmp.cmpfiles(dir_a, dir_b, files, shallow=False)
+        assert (len(match), mismatch, errors) == (len(files), [], [])
+    other = prepare_quickstart_data(str(tmp_path / "other"), 12, 6, 64, seed=4)
+    assert not filecmp.cmp(paths[TRAIN_NAME][0], other[TRAIN_NAME][0], shallow=False)
+
+
+def test_splits_differ(data):
+    _, paths = data
+    with open(paths[TRAIN_NAME][0]) as f, open(paths[VAL_NAME][0]) as g:
+        train, val = json.load(f), json.load(g)
+    assert train["annotations"][:6] != val["annotations"][:6]
+
+
+def test_concurrent_preparation_yields_one_complete_copy(tmp_path):
+    root = str(tmp_path)
+    with mp.get_context("spawn").Pool(2) as pool:
+        results = pool.map(_prepare, [root, root])
+    assert results[0] == results[1]
+    assert [n for n in os.listdir(root) if n.startswith(".tmp")] == []
+    assert len(COCO(results[0][VAL_NAME][0]).getImgIds()) == 6
+
+
+def test_registered_through_detectron2(tmp_path):
+    cfg = get_cfg()
+    add_megdet_config(cfg)
+    cfg.DATASETS.TRAIN = (TRAIN_NAME,)
+    cfg.DATASETS.TEST = (VAL_NAME,)
+    cfg.DATASETS.QUICKSTART.ROOT = str(tmp_path)
+    cfg.DATASETS.QUICKSTART.NUM_TRAIN, cfg.DATASETS.QUICKSTART.NUM_VAL = 5, 3
+    cfg.DATASETS.QUICKSTART.IMAGE_SIZE = 64
+    register_quickstart_datasets(cfg)
+    dicts = DatasetCatalog.get(VAL_NAME)
+    assert len(dicts) == 3 and os.path.isfile(dicts[0]["file_name"])
+    assert MetadataCatalog.get(VAL_NAME).thing_classes == list(CLASSES)
+    assert len(DatasetCatalog.get(TRAIN_NAME)) == 5
