@@ -1,4 +1,5 @@
 """The spawn-N-gloo-processes helper itself: results, failure propagation, timeouts."""
+
 import time
 
 import pytest

@@ -69,7 +69,8 @@ def test_eval_only_on_the_checkpoint_writes_finite_ap_ar(trained):
     eval_out = tmp_path / "eval"
     proc = train_net(
         "--num-gpus", "2", "--eval-only", "--config-file", CONFIG,
-        *tiny_opts(tmp_path, "OUTPUT_DIR", str(eval_out), "MODEL.WEIGHTS", str(out / "model_final.pth")),
+        *tiny_opts(tmp_path, "OUTPUT_DIR", str(eval_out)),
+        "MODEL.WEIGHTS", str(out / "model_final.pth"),
     )  # fmt: skip
     assert "mmAP = " in proc.stdout + proc.stderr and "mmAR = " in proc.stdout + proc.stderr
     with open(eval_out / "inference" / "megdet_shapes_val" / "coco_metrics.json") as f:

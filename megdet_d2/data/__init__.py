@@ -7,4 +7,11 @@ from .quickstart import (
     register_quickstart_datasets,
 )
 
-__all__ = [k for k in globals().keys() if not k.startswith("_")]
+__all__ = [
+    "CLASSES",
+    "TRAIN_NAME",
+    "VAL_NAME",
+    "generate_split",
+    "prepare_quickstart_data",
+    "register_quickstart_datasets",
+]

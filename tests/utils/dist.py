@@ -11,6 +11,7 @@ Usage::
 A failing child re-raises in the parent with the child's traceback; a child that hangs is killed
 after ``timeout`` seconds and the test fails, so no test can hang CI.
 """
+
 import datetime
 import os
 import pickle
