@@ -7,29 +7,29 @@
 Works with several CPU processes too (gloo), e.g. the quickstart in the README.
 """
 
-import logging
 import os
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
-from detectron2.modeling import build_model
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 import megdet_d2
-from megdet_d2 import add_megdet_config, apply_schedule_preset, check_solver_config
+from megdet_d2 import add_megdet_config, apply_schedule_preset
 from megdet_d2.data import register_quickstart_datasets
-from megdet_d2.engine import MegDetTrainer, set_cpu_threads
+from megdet_d2.engine import (
+    MegDetTrainer,
+    check_config,
+    exit_on_config_error,
+    set_cpu_threads,
+    setup_cgbn_groups,
+)
 from megdet_d2.evaluation import MegDetCOCOEvaluator
-
-logger = logging.getLogger("detectron2")
 
 
 class Trainer(MegDetTrainer):
     """DefaultTrainer (CPU-safe model wrapping) with MegDet's evaluator and LR policy."""
-
-    @classmethod
-    def build_model(cls, cfg):
-        return build_model(cfg)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -42,7 +42,8 @@ class Trainer(MegDetTrainer):
         return megdet_d2.build_lr_scheduler(cfg, optimizer)
 
 
-def setup(args):
+def load_config(args):
+    """Defaults + MegDet keys + YAML + command line; preset iterations derived; checked."""
     cfg = get_cfg()
     add_megdet_config(cfg)
     cfg.merge_from_file(args.config_file)
@@ -50,15 +51,22 @@ def setup(args):
     register_quickstart_datasets(cfg)
     if not args.eval_only:
         apply_schedule_preset(cfg)
-        check_solver_config(cfg)
+    check_config(cfg, args.num_machines, args.num_gpus, training=not args.eval_only)
     cfg.freeze()
+    return cfg
+
+
+def setup(args):
+    cfg = load_config(args)
     default_setup(cfg, args)
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="megdet_d2")
     return cfg
 
 
 def main(args):
     cfg = setup(args)
     set_cpu_threads(cfg)
+    setup_cgbn_groups(cfg)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
@@ -73,6 +81,8 @@ def main(args):
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
+    with exit_on_config_error():
+        load_config(args)  # fail fast, with one line, before any process is spawned
     launch(
         main,
         args.num_gpus,

@@ -5,6 +5,15 @@ Detectron2 (imports marked "registration"); it never changes detectron2's defaul
 """
 from .config import add_megdet_config
 
+# registration: norm name "CGBN" in NORM_REGISTRY, consulted by detectron2's get_norm
+from .layers import (
+    CGBN,
+    NORM_REGISTRY,
+    convert_to_cgbn,
+    create_cgbn_groups,
+    get_cgbn_group,
+)
+
 # registration: scheduler "LinearScalingWarmupLR", presets "normal" / "long"
 from .solver import (
     LR_SCHEDULER_REGISTRY,
@@ -17,6 +26,11 @@ from .solver import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CGBN",
+    "NORM_REGISTRY",
+    "convert_to_cgbn",
+    "create_cgbn_groups",
+    "get_cgbn_group",
     "LR_SCHEDULER_REGISTRY",
     "SCHEDULE_PRESETS",
     "add_megdet_config",

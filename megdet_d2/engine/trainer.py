@@ -8,15 +8,12 @@ and defers to detectron2 otherwise. ``MegDetTrainer`` uses it, and writes metric
 """
 
 import contextlib
-import os
 
-import torch
 from detectron2.engine import DefaultTrainer
 from detectron2.engine import defaults as d2_defaults
 from detectron2.engine import hooks
-from detectron2.utils import comm
 
-__all__ = ["MegDetTrainer", "create_ddp_model", "set_cpu_threads"]
+__all__ = ["MegDetTrainer", "create_ddp_model"]
 
 _d2_create_ddp_model = d2_defaults.create_ddp_model
 
@@ -52,14 +49,3 @@ class MegDetTrainer(DefaultTrainer):
             if isinstance(hook, hooks.PeriodicWriter):
                 hook._period = self.cfg.LOG_PERIOD  # DefaultTrainer hard-codes 20
         return ret
-
-
-def set_cpu_threads(cfg):
-    """Split the machine's cores among the CPU processes of this machine (as torchrun does).
-
-    Every process otherwise starts one thread per core, and N processes oversubscribe N-fold.
-    An explicit ``OMP_NUM_THREADS`` wins.
-    """
-    procs = comm.get_local_size()
-    if cfg.MODEL.DEVICE == "cpu" and procs > 1 and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // procs))
