@@ -16,6 +16,8 @@ setup(
         "iopath",
         "numpy",
         "pycocotools>=2.0.2",
+        # COCO evaluation backend when detectron2's C++ one is not built (identical numbers).
+        "faster-coco-eval",
         "matplotlib",
         "tabulate",
     ],

@@ -4,6 +4,7 @@ import json
 import math
 from collections import Counter
 
+import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
@@ -64,3 +65,16 @@ def test_missing_detections_lower_recall(tmp_path):
     assert expected < 100.0
     assert math.isclose(results["AR"], expected, rel_tol=1e-6)
     assert set(RECALL_KEYS) <= set(results)
+
+
+def test_faster_coco_eval_backend_matches_pycocotools(tmp_path):
+    """The fast backend (used when detectron2's C++ one is missing) gives identical numbers."""
+    pytest.importorskip("faster_coco_eval", reason="faster-coco-eval is an optional backend")
+    dicts = _val_dicts(tmp_path)
+    fast = MegDetCOCOEvaluator(VAL_NAME, distributed=False)
+    official = MegDetCOCOEvaluator(VAL_NAME, distributed=False, use_fast_impl=False)
+    assert fast._use_fast_impl and not official._use_fast_impl
+    a, b = _run(fast, dicts, keep=2)["bbox"], _run(official, dicts, keep=2)["bbox"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key] == pytest.approx(b[key], abs=1e-9, nan_ok=True), key
