@@ -6,6 +6,8 @@ markdown table of medians (ms, slowest rank) and the ratios
 
 * CGBN / BN: cost of synchronisation over the unsynchronised compute floor,
 * CGBN / (BN + 2 x all_reduce): against compute floor + one collective each way (target <= 1),
+* CGBN / BN+2AR: against plain BN run with a bare all_reduce after forward and after backward
+  (same communication pattern, so it also pays for waiting on the slower peer),
 * NaiveSyncBN / CGBN: speed-up over detectron2's NaiveSyncBatchNorm (target ~2).
 
 Usage: ``python benchmarks/bench_cgbn.py --iters 20 --warmup 5``
@@ -67,6 +69,20 @@ def _fwd_bwd(layer, x, dy):
     return run
 
 
+def _bn_inline_all_reduce(layer, x, dy, buf):
+    """Plain BN with a bare all_reduce after forward and after backward: the communication
+    pattern of any synchronised BN (incl. waiting for the slower peer) at BN's compute cost."""
+
+    def run():
+        x.grad = None
+        out = layer(x)
+        dist.all_reduce(buf)
+        out.backward(dy)
+        dist.all_reduce(buf)
+
+    return run
+
+
 def _layers(channels, device):
     from detectron2.layers import NaiveSyncBatchNorm
 
@@ -103,8 +119,10 @@ def _worker(rank, port, args):
         x = torch.randn(*shape, device=device).requires_grad_()
         dy = torch.randn(*shape, device=device)
         floor = torch.zeros(2 * shape[1], device=device)
+        layers = _layers(shape[1], device)
         fns = {"all_reduce": lambda: dist.all_reduce(floor)}
-        for name, layer in _layers(shape[1], device).items():
+        fns["BN+2AR"] = _bn_inline_all_reduce(layers["BN"], x, dy, floor)
+        for name, layer in layers.items():
             fns[name] = _fwd_bwd(layer, x, dy)
         rows.append({"shape": "x".join(map(str, shape)), **_time(fns, args, device)})
     gathered = [None] * WORLD_SIZE
@@ -121,20 +139,21 @@ def _worker(rank, port, args):
 
 def _print_table(table, args, device):
     sync = ["SyncBN"] if device.type == "cuda" else []
-    cols = ["BN", "all_reduce", "NaiveSyncBN"] + sync + ["CGBN"]
+    cols = ["BN", "all_reduce", "BN+2AR", "NaiveSyncBN"] + sync + ["CGBN"]
     print(
         f"\n{WORLD_SIZE} processes, {device.type}, "
         f"{'1 thread each, gloo' if device.type == 'cpu' else 'NCCL'}; "
         f"median of {args.iters} iterations after {args.warmup} warm-up; fwd+bwd ms per layer\n"
     )
     header = ["shape (N,C,H,W)"] + [f"{c} ms" for c in cols]
-    header += ["CGBN / BN", "CGBN / (BN + 2 all_reduce)", "NaiveSyncBN / CGBN"]
+    header += ["CGBN / BN", "CGBN / (BN + 2 all_reduce)", "CGBN / BN+2AR", "NaiveSyncBN / CGBN"]
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
     for row in table:
         cells = [row["shape"]] + [f"{row[c] * 1e3:.2f}" for c in cols]
         cells.append(f"{row['CGBN'] / row['BN']:.2f}")
         cells.append(f"{row['CGBN'] / (row['BN'] + 2 * row['all_reduce']):.2f}")
+        cells.append(f"{row['CGBN'] / row['BN+2AR']:.2f}")
         cells.append(f"{row['NaiveSyncBN'] / row['CGBN']:.2f}")
         print("| " + " | ".join(cells) + " |")
 

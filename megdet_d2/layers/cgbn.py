@@ -95,20 +95,18 @@ def _like(t, ref):
 
 
 def _local_sums_cpu(x, dtype):
-    """Local ``(sum, sum of squares)`` per channel in fp64; stable for |mean| >> std."""
-    num_channels = x.shape[1]
+    """Local ``(sum, sum of squares)`` per channel, in fp64; stable for |mean| >> std."""
     xs = x if x.dtype == dtype else x.to(dtype)
-    count = x.numel() // num_channels
+    count = x.numel() // x.shape[1]
     s1 = _channel_sum(xs).double()
-    s2 = _channel_sumsq(xs).double()
-    mean = s1 / count
-    var = s2 / count - mean * mean
-    if bool((mean * mean > _SHIFT_RATIO_SQ * var).any()):
-        # Recompute about the local mean: fp32 sums of squares of (x - shift) are accurate.
-        shift = mean.to(dtype)
+    s2 = _channel_sumsq(xs)
+    # mean^2 > R var  <=>  (R + 1) s1^2 > R n s2: recompute about the local mean, where fp32
+    # sums of squares of (x - shift) are accurate.
+    if bool(((_SHIFT_RATIO_SQ + 1) * s1 * s1 > (_SHIFT_RATIO_SQ * count) * s2).any()):
+        shift = (s1 / count).to(dtype)
         y = xs - shift.view(1, -1, 1, 1)
         d1 = _channel_sum(y).double()
-        d2 = _channel_sumsq(y).double()
+        d2 = _channel_sumsq(y)
         shift = shift.double()
         s1 = count * shift + d1
         s2 = d2 + 2 * shift * d1 + count * shift * shift
@@ -183,7 +181,7 @@ def _forward_cpu(
         ctx.save_for_backward(x, None, None, None, None)
         return torch.empty_like(x)
     mean64, sq64 = (packed[1:] / total).split(num_channels)
-    var64 = (sq64 - mean64 * mean64).clamp_(min=0)
+    var64 = torch.addcmul(sq64, mean64, mean64, value=-1).clamp_(min=0)
     if running_mean is not None:
         factor = _momentum_factor(momentum, num_batches_tracked)
         with torch.no_grad():
@@ -218,10 +216,10 @@ def _backward_cpu(ctx, grad_output):
     packed = torch.cat([sum_dy, sum_dy_xhat])
     dist.all_reduce(packed, group=ctx.group)  # the backward's one collective
     # grad_input = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)) = a * dy + b * x + c
-    g_sum_dy, g_sum_dy_xhat = (packed / ctx.total).split(num_channels)
+    g_mean_dy, g_mean_dy_xhat = (packed / ctx.total).split(num_channels)
     a = invstd if weight is None else weight * invstd
-    b = -a * invstd * g_sum_dy_xhat
-    c = -a * g_sum_dy - mean * b
+    b = (a * invstd).mul_(g_mean_dy_xhat).neg_()
+    c = torch.addcmul(a * g_mean_dy, mean, b).neg_()
     # Eval-mode batch_norm with mean 0, var 1, eps 0 computes x * b + c in one fast pass.
     grad_input = torch.batch_norm(
         x, b, c, torch.zeros_like(mean), torch.ones_like(mean), False, 0.0, 0.0, False
