@@ -3,6 +3,7 @@
 Detectron2 itself is not on PyPI and PyTorch is brought by the user, so neither is declared here;
 `make setup` installs both (see README). Development pins live in requirements/constraints.txt.
 """
+
 from setuptools import find_packages, setup
 
 setup(

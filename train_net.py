@@ -4,14 +4,17 @@
     python train_net.py --num-gpus 8 --config-file configs/COCO-Detection/megdet/<row>.yaml
     python train_net.py --eval-only --config-file <cfg> MODEL.WEIGHTS <checkpoint>
 
-Works with several CPU processes too (gloo), e.g. the quickstart in the README.
+Works with several CPU processes too (gloo), e.g. the quickstart in the README. Several
+machines: detectron2's ``--num-machines N --machine-rank R --dist-url tcp://HOST:PORT`` on each;
+or start it with ``torchrun --nproc-per-node K train_net.py ...`` (nothing is spawned then).
 """
 
+import logging
 import os
+from datetime import timedelta
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
@@ -19,17 +22,32 @@ import megdet_d2
 from megdet_d2 import add_megdet_config, apply_schedule_preset
 from megdet_d2.data import register_quickstart_datasets
 from megdet_d2.engine import (
+    MegDetCheckpointer,
     MegDetTrainer,
     check_config,
+    check_datasets,
+    check_written_for,
     exit_on_config_error,
+    launch,
+    process_layout,
     set_cpu_threads,
     setup_cgbn_groups,
 )
 from megdet_d2.evaluation import MegDetCOCOEvaluator
+from megdet_d2.modeling import apply_sublinear_memory
 
 
 class Trainer(MegDetTrainer):
     """DefaultTrainer (CPU-safe model wrapping) with MegDet's evaluator and LR policy."""
+
+    @classmethod
+    def build_model(cls, cfg):
+        model = super().build_model(cfg)
+        if cfg.MODEL.MEGDET.SUBLINEAR_MEMORY:  # paper §3.3: recompute backbone activations
+            logging.getLogger("megdet_d2").info(
+                f"Sub-linear memory: checkpointing {len(apply_sublinear_memory(model))} modules"
+            )
+        return model
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -49,9 +67,14 @@ def load_config(args):
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     register_quickstart_datasets(cfg)
+    check_datasets(cfg, training=not args.eval_only)  # before a preset counts the images
     if not args.eval_only:
         apply_schedule_preset(cfg)
-    check_config(cfg, args.num_machines, args.num_gpus, training=not args.eval_only)
+    # the launch's layout: --num-machines x --num-gpus, or torchrun's environment
+    num_machines, procs_per_machine = process_layout(args.num_gpus, args.num_machines)
+    check_config(
+        cfg, num_machines, procs_per_machine, training=not args.eval_only, resume=args.resume
+    )
     cfg.freeze()
     return cfg
 
@@ -69,10 +92,11 @@ def main(args):
     setup_cgbn_groups(cfg)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        MegDetCheckpointer(
+            model, save_dir=cfg.OUTPUT_DIR, strict_shapes=cfg.MEGDET.STRICT_SHAPES
+        ).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         return Trainer.test(cfg, model)
+    check_written_for(cfg)  # logs images per process and BN size; warns on another layout
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
@@ -82,12 +106,13 @@ if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
     with exit_on_config_error():
-        load_config(args)  # fail fast, with one line, before any process is spawned
-    launch(
+        cfg = load_config(args)  # fail fast, with one line, before any process is spawned
+    launch(  # detectron2's launch, or no spawning under torchrun
         main,
         args.num_gpus,
         num_machines=args.num_machines,
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
         args=(args,),
+        timeout=timedelta(seconds=cfg.MEGDET.DIST_TIMEOUT_S),  # a dead peer fails the job
     )

@@ -3,6 +3,7 @@
 The public API is re-exported here. Importing the package also registers MegDet's pieces into
 Detectron2 (imports marked "registration"); it never changes detectron2's default config.
 """
+
 from .config import add_megdet_config
 
 # registration: norm name "CGBN" in NORM_REGISTRY, consulted by detectron2's get_norm
@@ -13,6 +14,9 @@ from .layers import (
     create_cgbn_groups,
     get_cgbn_group,
 )
+
+# sub-linear memory (paper §3.3): BN/CGBN-aware activation checkpointing (no registration)
+from .modeling import apply_sublinear_memory
 
 # registration: scheduler "LinearScalingWarmupLR", presets "normal" / "long"
 from .solver import (
@@ -34,6 +38,7 @@ __all__ = [
     "LR_SCHEDULER_REGISTRY",
     "SCHEDULE_PRESETS",
     "add_megdet_config",
+    "apply_sublinear_memory",
     "apply_schedule_preset",
     "build_lr_scheduler",
     "check_solver_config",

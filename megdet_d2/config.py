@@ -56,6 +56,46 @@ def add_megdet_config(cfg):
     _C.SOLVER.MEGDET.ITERS_PER_EPOCH = 0
 
     # ---------------------------------------------------------------------------------------
+    # Paper experiments (§3.3, Tables 1-3): sub-linear memory, the launch a config was
+    # written for, and the positive / negative sample statistics.
+    # ---------------------------------------------------------------------------------------
+    _C.MODEL.MEGDET = CN()
+    # Sub-linear memory (§3.3, Chen et al. 2016): checkpoint the activations of every trainable
+    # ResNet block (and of the FPN's normalised convs) and recompute them in backward: R50-FPN
+    # keeps ~0.5x the activations at ~1.2x the time per iteration (benchmarks/bench_sublinear.py),
+    # so a GPU holds more images (larger BN sizes per GPU). Recomputation reuses the first
+    # forward's BN/CGBN statistics: no second running-statistics update and no extra
+    # collective. See megdet_d2/modeling/sublinear.py.
+    _C.MODEL.MEGDET.SUBLINEAR_MEMORY = False
+
+    _C.MEGDET = CN()
+    # The launch a config was written for (a row of Table 3). At start-up train_net.py logs
+    # images per process and BN size and warns when the actual launch differs.
+    _C.MEGDET.WRITTEN_FOR = CN()
+    # Processes (GPUs) in all, e.g. 64 = 8 machines x 8 GPUs; 0 = not stated.
+    _C.MEGDET.WRITTEN_FOR.NUM_GPUS = 0
+    # Images per BN statistic (Table 3's "BN size"); 0 = no batch statistics (FrozenBN, the
+    # "16-base" row), -1 = not stated.
+    _C.MEGDET.WRITTEN_FOR.BN_SIZE = -1
+    # Table 1: a hook sums the RPN / ROI-head sampler's positive and negative samples over the
+    # whole mini-batch (all processes, one all_reduce per iteration) into metrics.json as
+    # "sample_stats/*"; tools/sample_stats_table.py turns them into Table 1.
+    _C.MEGDET.SAMPLE_STATS = True
+
+    # ---------------------------------------------------------------------------------------
+    # Reliability of long multi-process runs (train_net.py, MegDetTrainer).
+    # ---------------------------------------------------------------------------------------
+    # Seconds a process waits in a collective (all_reduce, broadcast, barrier) for the others
+    # before the job fails with an error, instead of hanging when a process died or diverged.
+    # Passed to init_process_group (detectron2's default: 1800). Keep it above the longest step
+    # one process may take alone (a checkpoint save, a first NCCL connection).
+    _C.MEGDET.DIST_TIMEOUT_S = 1800
+    # Loading MODEL.WEIGHTS or a --resume checkpoint whose tensor shapes do not fit the model
+    # is an error naming the keys (detectron2 only warns and leaves those tensors untrained).
+    # False: skip them with detectron2's warning, e.g. to fine-tune with another NUM_CLASSES.
+    _C.MEGDET.STRICT_SHAPES = True
+
+    # ---------------------------------------------------------------------------------------
     # Built-in quickstart data: coloured shapes on small canvases, generated deterministically
     # to COCO json + PNG files and registered as "megdet_shapes_train" / "megdet_shapes_val".
     # ---------------------------------------------------------------------------------------

@@ -101,10 +101,17 @@ def test_resume_continues_with_the_same_iteration_and_lr(trained):
         "--num-gpus", "2", "--resume", "--config-file", CONFIG,
         *tiny_opts(tmp_path, "OUTPUT_DIR", str(resumed)),
     )  # fmt: skip
-    full = {m["iteration"]: m["lr"] for m in read_metrics(out / "metrics.json") if "lr" in m}
-    again = {m["iteration"]: m["lr"] for m in read_metrics(resumed / "metrics.json") if "lr" in m}
+    full = {m["iteration"]: m for m in read_metrics(out / "metrics.json") if "lr" in m}
+    again = {m["iteration"]: m for m in read_metrics(resumed / "metrics.json") if "lr" in m}
     assert sorted(again) == list(range(10, MAX_ITER))
-    assert all(again[it] == pytest.approx(full[it], rel=1e-9) for it in again)
+    assert all(again[it]["lr"] == pytest.approx(full[it]["lr"], rel=1e-9) for it in again)
+    # Same data (the sampler skips the images already read), same random draws (seeded per
+    # iteration) and same optimizer state: every loss equals the uninterrupted run's.
+    losses = [k for k in full[10] if k.startswith("loss_")] + ["total_loss"]
+    assert len(losses) >= 5, losses
+    for it in again:
+        for k in losses:
+            assert again[it][k] == pytest.approx(full[it][k], rel=1e-5, abs=1e-7), (it, k)
 
 
 def test_eval_only_on_the_checkpoint_reproduces_the_training_eval(trained):

@@ -1,11 +1,24 @@
-from .setup import check_config, exit_on_config_error, set_cpu_threads, setup_cgbn_groups
+from .checkpoint import MegDetCheckpointer
+from .hooks import SAMPLE_STATS_KEYS, SampleStatsHook
+from .launch import launch, launched_by_torchrun, process_layout
+from .setup import bn_size, check_written_for, set_cpu_threads, setup_cgbn_groups
 from .trainer import MegDetTrainer, create_ddp_model
+from .validate import check_config, check_datasets, exit_on_config_error
 
 __all__ = [
+    "MegDetCheckpointer",
     "MegDetTrainer",
+    "SAMPLE_STATS_KEYS",
+    "SampleStatsHook",
+    "bn_size",
     "check_config",
+    "check_datasets",
+    "check_written_for",
     "create_ddp_model",
     "exit_on_config_error",
+    "launch",
+    "launched_by_torchrun",
+    "process_layout",
     "set_cpu_threads",
     "setup_cgbn_groups",
 ]

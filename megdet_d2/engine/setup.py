@@ -1,48 +1,25 @@
-"""Start-up steps of a MegDet run: config checks before any work, then per-process set-up.
+"""Per-process start-up steps of a MegDet run (the config checks are in ``validate.py``).
 
-``check_config`` is cheap and pure, so ``train_net.py`` runs it in the launching process and a
-bad value ends the job with one line naming the key, before processes are spawned or data and
-models are loaded. ``setup_cgbn_groups`` and ``set_cpu_threads`` run in every process.
+``setup_cgbn_groups`` and ``set_cpu_threads`` run in every process; ``check_written_for`` logs
+the launch a config was written for.
 """
-import contextlib
+
 import logging
 import os
-import sys
 
 import torch
 from detectron2.utils import comm
 
-from ..layers.groups import check_group_size, create_cgbn_groups
-from ..solver import check_solver_config
+from ..layers.groups import create_cgbn_groups
 
-__all__ = ["check_config", "exit_on_config_error", "set_cpu_threads", "setup_cgbn_groups"]
+__all__ = [
+    "bn_size",
+    "check_written_for",
+    "set_cpu_threads",
+    "setup_cgbn_groups",
+]
 
 logger = logging.getLogger(__name__)
-
-
-def check_config(cfg, num_machines, procs_per_machine, training=True):
-    """Raise a one-line ``ValueError`` naming the key if ``cfg`` cannot run on this layout."""
-    world_size = num_machines * procs_per_machine
-    check_group_size(cfg.MODEL.CGBN.GROUP_SIZE, world_size, procs_per_machine)
-    if not training:
-        return
-    ims = cfg.SOLVER.IMS_PER_BATCH
-    if ims < world_size or ims % world_size != 0:
-        raise ValueError(
-            f"SOLVER.IMS_PER_BATCH={ims} must be a positive multiple of the number of processes "
-            f"({world_size}); set it to e.g. {world_size * max(1, ims // world_size)}"
-        )
-    check_solver_config(cfg)
-
-
-@contextlib.contextmanager
-def exit_on_config_error():
-    """Turn a config ``ValueError`` into one line on stderr and exit status 2 (no traceback)."""
-    try:
-        yield
-    except ValueError as e:
-        print(f"Config error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 def setup_cgbn_groups(cfg):
@@ -56,6 +33,58 @@ def setup_cgbn_groups(cfg):
         f"BN size = {ranks} processes x {per_process} images per process = {ranks * per_process}"
     )
     return layout
+
+
+# Backbone norms with batch statistics -> how many processes share them ("group": CGBN's).
+_BATCH_STAT_NORMS = {"BN": "process", "CGBN": "group", "SyncBN": "world", "nnSyncBN": "world",
+                     "naiveSyncBN": "world", "naiveSyncBN_N": "world"}  # fmt: skip
+
+
+def bn_size(cfg, world_size, procs_per_machine):
+    """Images per BN statistic of the backbone (Table 3's "BN size"; 0 = no batch statistics)."""
+    share = _BATCH_STAT_NORMS.get(cfg.MODEL.RESNETS.NORM)
+    if share is None:
+        return 0
+    if share == "process":
+        procs = 1
+    elif share == "world":
+        procs = world_size
+    else:  # MODEL.CGBN.GROUP_SIZE: 0 = one machine, -1 = all ranks, k = blocks of k
+        group = cfg.MODEL.CGBN.GROUP_SIZE
+        procs = {0: procs_per_machine, -1: world_size}.get(group, group)
+    return procs * (cfg.SOLVER.IMS_PER_BATCH // world_size)
+
+
+def check_written_for(cfg, world_size=None, procs_per_machine=None):
+    """Log images per process and BN size; warn where they differ from ``MEGDET.WRITTEN_FOR``.
+
+    A Table 3 row is (batch, BN size, GPUs): launched on other GPU counts, the same file gives
+    other images per process and BN sizes, i.e. another row. Returns the actual numbers.
+    """
+    world_size = world_size or comm.get_world_size()
+    procs_per_machine = procs_per_machine or comm.get_local_size()
+    batch = cfg.SOLVER.IMS_PER_BATCH
+    if batch % world_size != 0:
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH={batch} must be divisible by {world_size} processes"
+        )
+    actual = {"NUM_GPUS": world_size, "BN_SIZE": bn_size(cfg, world_size, procs_per_machine)}
+    wanted = cfg.MEGDET.WRITTEN_FOR
+    logger.info(
+        f"Mini-batch {batch} = {world_size} processes x {batch // world_size} images per process;"
+        f" BN size {actual['BN_SIZE']} (MODEL.RESNETS.NORM={cfg.MODEL.RESNETS.NORM!r}); "
+        f"config written for NUM_GPUS={wanted.NUM_GPUS or 'any'}, BN_SIZE="
+        f"{wanted.BN_SIZE if wanted.BN_SIZE >= 0 else 'any'}"
+    )
+    unset = {"NUM_GPUS": 0, "BN_SIZE": -1}
+    for key, value in actual.items():
+        if wanted[key] != unset[key] and wanted[key] != value:
+            logger.warning(
+                f"MEGDET.WRITTEN_FOR.{key}={wanted[key]} but this launch gives {value}: this is "
+                f"not the experiment the config describes (images per process "
+                f"{batch // world_size}, BN size {actual['BN_SIZE']})"
+            )
+    return actual
 
 
 def set_cpu_threads(cfg):

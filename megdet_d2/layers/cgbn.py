@@ -32,9 +32,14 @@ fp16 / bf16 inputs; the output has the input's dtype and memory format. A proces
 batch still joins both collectives (its empty output stays connected to the graph through the
 affine weight, so ``out.sum().backward()`` reaches the layer); if the whole group is empty the
 output is empty and the running statistics are left unchanged.
+
+Activation checkpointing (sub-linear memory, ``megdet_d2.modeling.sublinear``) reruns forwards in
+backward; under a :class:`StatisticsTape` the rerun reuses the first pass's group statistics
+instead of issuing its collective again.
 """
 
 import contextlib
+import threading
 
 import torch
 import torch.distributed as dist
@@ -43,11 +48,67 @@ import torch.nn as nn
 from .groups import get_cgbn_group
 from .norm_registry import NORM_REGISTRY
 
-__all__ = ["CGBN"]
+__all__ = ["CGBN", "StatisticsTape"]
 
 # A channel whose |mean| exceeds this many standard deviations gets its sums recomputed about
 # the local mean (fp32 sums of squares lose ~ eps * (mean / std)^2 relative precision).
 _SHIFT_RATIO_SQ = 16.0
+
+
+# The StatisticsTape recording or replaying on this thread (activation checkpointing), if any.
+_TAPE = threading.local()
+
+
+class StatisticsTape:
+    """The group statistics of one forward pass, reused when activation checkpointing reruns it.
+
+    Under ``with tape.record():`` every CGBN forward collective runs and its result is stored;
+    under ``with tape.replay():`` the same CGBN calls, in the same order, take the stored
+    results instead of communicating. A recomputation thus issues no collective (no extra
+    traffic, no deadlock when processes recompute different blocks) and normalises with exactly
+    the first pass's statistics. Used by ``megdet_d2.modeling.sublinear``.
+    """
+
+    def __init__(self):
+        self._results = []
+        self._next = None  # index of the next result to replay; None = recording
+
+    def _run(self, result, collective):
+        """Run ``collective`` (which fills ``result``) and record, or replay into ``result``."""
+        if self._next is None:
+            collective()
+            self._results.append(result.clone())
+            return
+        if self._next >= len(self._results):
+            raise RuntimeError("CGBN: recomputation made more CGBN calls than the recorded pass")
+        result.copy_(self._results[self._next])
+        self._next += 1
+
+    @contextlib.contextmanager
+    def _active(self, next_index):
+        previous = getattr(_TAPE, "tape", None)
+        _TAPE.tape, self._next = self, next_index
+        try:
+            yield self
+        finally:
+            _TAPE.tape = previous
+
+    def record(self):
+        """Context: run and store this thread's CGBN forward collectives."""
+        return self._active(None)
+
+    def replay(self):
+        """Context: replay the stored results, from the first, instead of communicating."""
+        return self._active(0)
+
+
+def _forward_collective(result, collective):
+    """The forward's one collective (``collective()`` fills ``result``), via an active tape."""
+    tape = getattr(_TAPE, "tape", None)
+    if tape is None:
+        collective()
+    else:
+        tape._run(result, collective)
 
 
 def _stat_dtype(x):
@@ -169,7 +230,8 @@ def _forward_cpu(
         packed = torch.cat([s1.new_full((1,), count), s1, s2])
     else:  # joins the collective with zeros, so that peers do not hang
         packed = torch.zeros(2 * num_channels + 1, dtype=torch.float64)
-    dist.all_reduce(packed, group=group)  # the forward's one collective
+    # the forward's one collective
+    _forward_collective(packed, lambda: dist.all_reduce(packed, group=group))
     total = int(packed[0])
     _check_total(total)
     ctx.is_cuda = False
@@ -244,10 +306,14 @@ def _forward_cuda(
         if x.dtype == torch.float64:
             combined = combined.double()
     gathered = torch.empty(world_size, combined.numel(), dtype=combined.dtype, device=x.device)
-    if dist.get_backend(group) == dist.Backend.GLOO:
-        dist.all_gather(list(gathered.unbind(0)), combined, group=group)
-    else:
-        dist.all_gather_into_tensor(gathered, combined, group=group)  # forward's one collective
+
+    def gather():  # the forward's one collective
+        if dist.get_backend(group) == dist.Backend.GLOO:
+            dist.all_gather(list(gathered.unbind(0)), combined, group=group)
+        else:
+            dist.all_gather_into_tensor(gathered, combined, group=group)
+
+    _forward_collective(gathered, gather)
     mean_all, invstd_all, count_all = gathered.split(num_channels, dim=1)
     counts = count_all.view(-1)
     keep = counts > 0

@@ -1,0 +1,56 @@
+"""Training hooks for the paper's statistics (Table 1: positive / negative sample ratio)."""
+
+import torch
+import torch.distributed as dist
+from detectron2.engine import HookBase
+from detectron2.utils import comm
+
+__all__ = ["SampleStatsHook", "SAMPLE_STATS_KEYS"]
+
+# What detectron2's samplers put into the event storage every iteration, in each process, as a
+# MEAN over that process's images (StandardROIHeads.label_and_sample_proposals,
+# RPN.losses) -> the mini-batch SUM this hook writes ("sample_stats/..." in metrics.json).
+SAMPLE_STATS_KEYS = {
+    "roi_head/num_fg_samples": "sample_stats/roi_num_pos",
+    "roi_head/num_bg_samples": "sample_stats/roi_num_neg",
+    "rpn/num_pos_anchors": "sample_stats/rpn_num_pos",
+    "rpn/num_neg_anchors": "sample_stats/rpn_num_neg",
+}
+
+
+class SampleStatsHook(HookBase):
+    """Sum the samplers' positive / negative counts over the whole mini-batch (all processes).
+
+    Every iteration each process turns its per-image means back into counts (x its images per
+    iteration) and ONE ``all_reduce`` sums them; the sums go to the storage unsmoothed, with
+    ``sample_stats/roi_pos_neg_ratio`` = positives / negatives of the ROI-head sampler (Table 1's
+    ratio). Every process must run the hook (it is a collective); keys a model does not produce
+    (e.g. no RPN) are skipped. Place it before the ``PeriodicWriter`` so values reach
+    metrics.json in the same iteration.
+    """
+
+    def __init__(self, images_per_process):
+        self._images = images_per_process
+
+    def after_step(self):
+        storage = self.trainer.storage
+        latest = storage.latest()
+        stats = torch.zeros(2, len(SAMPLE_STATS_KEYS), dtype=torch.float64)  # sums, presence
+        for i, key in enumerate(SAMPLE_STATS_KEYS):
+            value = latest.get(key)
+            if value is not None and value[1] == storage.iter:  # put in this iteration
+                stats[0, i], stats[1, i] = value[0] * self._images, 1
+        if comm.get_world_size() > 1:
+            device = "cuda" if dist.get_backend() == dist.Backend.NCCL else "cpu"
+            stats = stats.to(device)
+            dist.all_reduce(stats)  # the hook's one collective
+            stats = stats.cpu()
+        sums = {}
+        for i, name in enumerate(SAMPLE_STATS_KEYS.values()):
+            if stats[1, i] > 0:
+                sums[name] = round(stats[0, i].item(), 6)  # means x images: integers up to fp
+                storage.put_scalar(name, sums[name], smoothing_hint=False)
+        neg = sums.get("sample_stats/roi_num_neg", 0)
+        if neg > 0:
+            ratio = sums["sample_stats/roi_num_pos"] / neg
+            storage.put_scalar("sample_stats/roi_pos_neg_ratio", ratio, smoothing_hint=False)

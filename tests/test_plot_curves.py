@@ -1,0 +1,83 @@
+"""Figures 1 / 4: the series read from metrics.json are the ones plotted."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+
+def _load_script(relpath):
+    """Import a repository script by path (detectron2 installs a package named ``tools``)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), relpath)
+    spec = importlib.util.spec_from_file_location(os.path.basename(relpath)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_plot_curves = _load_script("tools/plot_curves.py")
+extract_series, main, plot_curves = (
+    _plot_curves.extract_series,
+    _plot_curves.main,
+    _plot_curves.plot_curves,
+)
+
+
+def _write_run(path, records, ipe=10, steps=(20, 25)):
+    path.mkdir()
+    solver = {"IMS_PER_BATCH": 16, "STEPS": list(steps), "MEGDET": {"ITERS_PER_EPOCH": ipe}}
+    (path / "config.yaml").write_text(json.dumps({"SOLVER": solver}))  # JSON is YAML
+    with open(path / "metrics.json", "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+RECORDS = [
+    {"iteration": 19, "time": 36.0, "loss": 1.0},  # iterations 0-19: 20 x 36 s = 0.2 h
+    {"iteration": 9, "time": 36.0},  # out of order: sorted by iteration
+    {"iteration": 19, "bbox/AP": 10.0, "bbox/AR": 20.0},  # evaluation after epoch 2
+    {"iteration": 29, "time": 72.0},  # iterations 20-29: 10 x 72 s = 0.2 h
+    {"iteration": 29, "bbox/AP": 15.0},
+]
+
+
+def test_series_and_plotted_lines_equal_the_metrics(tmp_path):
+    _write_run(tmp_path / "b16", RECORDS)
+    b256 = [{"iteration": 4, "time": 720.0}, {"iteration": 4, "bbox/AP": 3.0}]
+    _write_run(tmp_path / "b256", b256, ipe=5, steps=[])
+    s16 = extract_series(str(tmp_path / "b16"))
+    assert s16["ap"] == [10.0, 15.0] and s16["iterations"] == [19, 29]
+    # 10 x 36 s (its 0-9) + 10 x 36 s (10-19) = 0.2 h; + 10 x 72 s = 0.4 h
+    assert s16["hours"] == pytest.approx([0.2, 0.4])
+    assert s16["epochs"] == [2.0, 3.0] and s16["decay_epochs"] == [2.0, 2.5]
+    s256 = extract_series(str(tmp_path / "b256"), label="256")
+    assert s256["hours"] == pytest.approx([1.0]) and s256["epochs"] == [1.0]
+
+    out = tmp_path / "docs" / "curves.png"
+    ax_h, ax_e = plot_curves([s16, s256], str(out))
+    assert out.stat().st_size > 1000
+    assert [list(line.get_xdata()) for line in ax_h.get_lines()] == [s16["hours"], s256["hours"]]
+    assert [list(line.get_ydata()) for line in ax_h.get_lines()] == [[10.0, 15.0], [3.0]]
+    curves = [
+        line for line in ax_e.get_lines() if len(line.get_xdata()) != 2 or line.get_marker() == "o"
+    ]
+    assert [list(line.get_xdata()) for line in curves] == [[2.0, 3.0], [1.0]]
+    decays = sorted(
+        line.get_xdata()[0] for line in ax_e.get_lines() if line.get_linestyle() == "--"
+    )
+    assert decays == [2.0, 2.5]  # Figure 4's dashed LR-decay markers
+    assert [t.get_text() for t in ax_e.get_legend().get_texts()] == ["b16", "256"]
+
+
+def test_cli_errors_and_fallback(tmp_path, capsys):
+    _write_run(tmp_path / "run", RECORDS, ipe=0)
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "run"), "--out", str(tmp_path / "x.png")])
+    assert "--iters-per-epoch" in capsys.readouterr().err
+    ax_h, ax_e = main(
+        [str(tmp_path / "run"), "--iters-per-epoch", "5", "--out", str(tmp_path / "x.png")]
+    )
+    assert list(ax_e.get_lines()[0].get_xdata()) == [4.0, 6.0]
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "run"), "--labels", "a", "b", "--iters-per-epoch", "5"])

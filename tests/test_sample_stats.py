@@ -1,0 +1,116 @@
+"""Table 1: the sample-statistics hook sums over the mini-batch (2 gloo processes); the table."""
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from detectron2.engine import SimpleTrainer
+from detectron2.utils.events import get_event_storage
+
+from megdet_d2.engine import SampleStatsHook
+from tests.utils.dist import run_distributed
+
+
+def _load_script(relpath):
+    """Import a repository script by path (detectron2 installs a package named ``tools``)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), relpath)
+    spec = importlib.util.spec_from_file_location(os.path.basename(relpath)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sample_stats_table = _load_script("tools/sample_stats_table.py")
+
+IMAGES = 3  # per process
+
+
+def _counts(rank, it):
+    """Per-image sampler counts of a rank at an iteration: (fg, bg, pos anchors, neg anchors)."""
+    g = torch.Generator().manual_seed(100 * rank + it)
+    fg = torch.randint(0, 128, (IMAGES,), generator=g)
+    pos = torch.randint(0, 64, (IMAGES,), generator=g)
+    return fg, 512 - fg, pos, 256 - pos
+
+
+class _Detector(nn.Module):
+    """Puts what detectron2's ROI heads and RPN put (means over this process's images)."""
+
+    def __init__(self, rank):
+        super().__init__()
+        self.rank, self.w = rank, nn.Parameter(torch.ones(1))
+
+    def forward(self, batch):
+        storage = get_event_storage()
+        fg, bg, pos, neg = _counts(self.rank, storage.iter)
+        storage.put_scalar("roi_head/num_fg_samples", np.mean(fg.tolist()))
+        storage.put_scalar("roi_head/num_bg_samples", np.mean(bg.tolist()))
+        if storage.iter == 0:  # no RPN at iteration 1: its keys must not be re-summed stale
+            storage.put_scalar("rpn/num_pos_anchors", pos.sum().item() / IMAGES)
+            storage.put_scalar("rpn/num_neg_anchors", neg.sum().item() / IMAGES)
+        return {"loss": (self.w * batch).sum()}
+
+
+def _train_two_iterations(rank, world_size):
+    model = _Detector(rank)
+    data = iter([torch.ones(1)] * 2)
+    trainer = SimpleTrainer(model, data, torch.optim.SGD(model.parameters(), lr=0.1))
+    trainer.register_hooks([SampleStatsHook(IMAGES)])
+    trainer.train(0, 2)
+    hist = trainer.storage.histories()
+    # history: [(value, iteration), ...] -> {iteration: value}
+    return {k: {i: x for x, i in v.values()} for k, v in hist.items() if k.startswith("sample_")}
+
+
+def test_hook_sums_whole_minibatch_over_processes():
+    results = run_distributed(_train_two_iterations, world_size=2, timeout=90)
+    assert results[0] == results[1]  # every process records the same mini-batch sums
+    got = results[0]
+    for it in (0, 1):
+        fg, bg, pos, neg = (sum(c[i].sum().item() for c in (_counts(0, it), _counts(1, it)))
+                            for i in range(4))  # fmt: skip
+        assert got["sample_stats/roi_num_pos"][it] == pytest.approx(fg, abs=1e-6)
+        assert got["sample_stats/roi_num_neg"][it] == pytest.approx(bg, abs=1e-6)
+        assert got["sample_stats/roi_pos_neg_ratio"][it] == pytest.approx(fg / bg)
+        assert fg != IMAGES * _counts(0, it)[0].float().mean().item()  # not rank 0's alone
+        if it == 0:
+            assert got["sample_stats/rpn_num_pos"][0] == pytest.approx(pos, abs=1e-6)
+            assert got["sample_stats/rpn_num_neg"][0] == pytest.approx(neg, abs=1e-6)
+    assert list(got["sample_stats/rpn_num_pos"]) == [0]  # not re-summed stale at iteration 1
+
+
+def _write_run(path, batch, ipe, records, preset=True):
+    path.mkdir()
+    solver = {"IMS_PER_BATCH": batch, "MEGDET": {"ITERS_PER_EPOCH": ipe if preset else 0}}
+    (path / "config.yaml").write_text(json.dumps({"SOLVER": solver}))  # JSON is YAML
+    with open(path / "metrics.json", "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def _rec(it, pos, neg):
+    return {"iteration": it, "sample_stats/roi_num_pos": pos, "sample_stats/roi_num_neg": neg,
+            "sample_stats/rpn_num_pos": 1, "sample_stats/rpn_num_neg": 4}  # fmt: skip
+
+
+def test_table_from_metrics_files(tmp_path, capsys):
+    # run a: 10 iterations per epoch; epoch 1 = its 0-9, epoch 2 = 10-19; a line without stats
+    a = [_rec(0, 10, 90), _rec(9, 30, 170), {"iteration": 5, "bbox/AP": 1.0}, _rec(10, 50, 150)]
+    _write_run(tmp_path / "a", 16, 10, a)
+    # run b: no preset -> --iters-per-epoch 5; epoch 2 has no records
+    _write_run(tmp_path / "b", 256, 0, [_rec(1, 1, 9)], preset=False)
+    with pytest.raises(SystemExit):  # b needs --iters-per-epoch
+        sample_stats_table.main([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert "--iters-per-epoch" in capsys.readouterr().err
+    lines = sample_stats_table.main(
+        [str(tmp_path / "a"), str(tmp_path / "b"), "--epochs", "1", "2", "--iters-per-epoch", "5"]
+    )
+    assert lines[0] == "| Epoch | a (batch 16) | b (batch 256) |"
+    assert lines[2] == "| 1 | 15.38 | 11.11 |"  # (10 + 30) / (90 + 170); 1 / 9
+    assert lines[3] == "| 2 | 33.33 | – |"  # 50 / 150
+    rpn = sample_stats_table.main([str(tmp_path / "a"), "--epochs", "1", "--kind", "rpn"])
+    assert rpn[2] == "| 1 | 25.00 |"

@@ -1,0 +1,128 @@
+#!/usr/bin/env python
+"""Figures 1 and 4 of the paper from training runs: mmAP vs wall-clock hours and vs epoch.
+
+Reads each output directory's ``metrics.json`` and ``config.yaml``:
+
+* mmAP: ``bbox/AP`` (COCO AP@[.5:.95], in %), written by every evaluation;
+* hours: training time, the per-iteration ``time`` detectron2's IterationTimer logs (a median
+  over the iterations since the previous record) integrated over iterations; evaluation and
+  other hooks are excluded;
+* epochs: (iteration + 1) / ``SOLVER.MEGDET.ITERS_PER_EPOCH`` (or ``--iters-per-epoch``); LR
+  decays (Figure 4's dashed lines) at ``SOLVER.STEPS`` / iterations per epoch.
+
+    python tools/plot_curves.py output/b16_long output/b256_long --out docs/curves.png
+"""
+
+import argparse
+import json
+import os
+
+import matplotlib
+import yaml
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
+
+__all__ = ["extract_series", "plot_curves"]
+
+
+def _read_run(run_dir):
+    """(metrics.json records, config.yaml as dicts or {})."""
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    path = os.path.join(run_dir, "config.yaml")
+    config = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            config = yaml.safe_load(f) or {}
+    return records, config
+
+
+def extract_series(run_dir, fallback_ipe=None, label=None):
+    """The curves of one run.
+
+    Returns:
+        dict with ``label``, ``iterations``, ``ap`` (bbox/AP at each evaluation), ``hours``
+        (training hours at each evaluation), ``epochs`` (epochs at each evaluation) and
+        ``decay_epochs`` (epochs of the LR decays).
+    """
+    records, config = _read_run(run_dir)
+    records.sort(key=lambda r: r["iteration"])
+    ipe = config.get("SOLVER", {}).get("MEGDET", {}).get("ITERS_PER_EPOCH", 0) or fallback_ipe
+    if not ipe:
+        raise ValueError(
+            f"{run_dir}: config.yaml has no SOLVER.MEGDET.ITERS_PER_EPOCH; pass --iters-per-epoch"
+        )
+    seconds, last_iter, elapsed = 0.0, -1, {}
+    for r in records:
+        if "time" in r:  # seconds per iteration, covering the iterations since the last log
+            seconds += r["time"] * (r["iteration"] - last_iter)
+            last_iter = r["iteration"]
+        elapsed[r["iteration"]] = seconds
+    evals = [r for r in records if "bbox/AP" in r]
+    steps = config.get("SOLVER", {}).get("STEPS", [])
+    return {
+        "label": label or os.path.basename(os.path.normpath(run_dir)),
+        "iterations": [r["iteration"] for r in evals],
+        "ap": [r["bbox/AP"] for r in evals],
+        "hours": [elapsed[r["iteration"]] / 3600 for r in evals],
+        "epochs": [(r["iteration"] + 1) / ipe for r in evals],
+        "decay_epochs": [s / ipe for s in steps],
+    }
+
+
+def plot_curves(series, out_path, title=None):
+    """Draw Figure 1 (mmAP vs hours) and Figure 4 (mmAP vs epoch, dashed LR decays) side by
+    side into ``out_path``; returns the (hours axes, epochs axes)."""
+    fig, (ax_h, ax_e) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for s in series:
+        (line,) = ax_h.plot(s["hours"], s["ap"], marker="o", label=s["label"])
+        ax_e.plot(s["epochs"], s["ap"], marker="o", color=line.get_color(), label=s["label"])
+        for d in s["decay_epochs"]:
+            ax_e.axvline(d, linestyle="--", color=line.get_color(), alpha=0.6)
+    ax_h.set(xlabel="training time (hours)", ylabel="mmAP (bbox AP, %)",
+             title="mmAP vs wall-clock time (Fig. 1)")  # fmt: skip
+    ax_e.set(xlabel="epoch", ylabel="mmAP (bbox AP, %)",
+             title="mmAP vs epoch, dashed: LR decay (Fig. 4)")  # fmt: skip
+    for ax in (ax_h, ax_e):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+    return ax_h, ax_e
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "run_dirs", nargs="+", help="output directories (metrics.json, config.yaml)"
+    )
+    parser.add_argument("--labels", nargs="+", help="one legend label per run (default: dir name)")
+    parser.add_argument("--iters-per-epoch", type=int, default=None,
+                        help="when config.yaml has no SOLVER.MEGDET.ITERS_PER_EPOCH")  # fmt: skip
+    parser.add_argument("--out", default="curves.png", help="PNG path")
+    parser.add_argument("--title", default=None)
+    args = parser.parse_args(argv)
+    labels = args.labels or [None] * len(args.run_dirs)
+    if len(labels) != len(args.run_dirs):
+        parser.error(f"{len(labels)} --labels for {len(args.run_dirs)} runs")
+    try:
+        series = [
+            extract_series(d, args.iters_per_epoch, lab) for d, lab in zip(args.run_dirs, labels)
+        ]
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
+    for s in series:
+        if not s["ap"]:
+            parser.error(f"{s['label']}: metrics.json has no bbox/AP (no evaluation ran)")
+    axes = plot_curves(series, args.out, args.title)
+    print(f"wrote {args.out}")
+    return axes
+
+
+if __name__ == "__main__":
+    main()
