@@ -136,6 +136,7 @@ def test_more_processes_than_gpus(capsys, data_root, monkeypatch):
 
 def test_weights_are_not_checked_when_resume_finds_a_checkpoint(data_root, tmp_path):
     (tmp_path / "last_checkpoint").write_text("model_0000009.pth")
+    torch.save({"model": {}}, tmp_path / "model_0000009.pth")
     args = default_argument_parser().parse_args(
         ["--num-gpus", "2", "--resume", "--config-file", CONFIG, "DATASETS.QUICKSTART.ROOT",
          data_root, "OUTPUT_DIR", str(tmp_path), "MODEL.WEIGHTS", "/no/such/model.pth"]
@@ -180,3 +181,41 @@ def test_train_net_exits_with_one_line_on_a_missing_weights_file(tmp_path):
         f"Config error: MODEL.WEIGHTS='{tmp_path / 'nope.pth'}' is not a file; give an existing "
         "checkpoint, a URL or detectron2:// path, or '' to start from scratch"
     )
+
+
+def test_train_net_exits_with_one_line_on_a_checkpoint_that_does_not_fit(tmp_path):
+    """Shapes are compared in the launcher (model built on the meta device), not in workers."""
+    path = tmp_path / "other.pth"
+    # 5 classes + background where the quickstart model has 3 + 1
+    torch.save({"model": {"roi_heads.box_predictor.cls_score.weight": torch.zeros(6, 256)}}, path)
+    last = _train_net_fails_fast(tmp_path, "MODEL.WEIGHTS", str(path))
+    assert last.startswith(f"Config error: MODEL.WEIGHTS='{path}': checkpoint shapes do not fit")
+    assert "roi_heads.box_predictor.cls_score.weight (6, 256) in the checkpoint vs (4, 256)" in last
+    assert "MEGDET.STRICT_SHAPES False" in last
+
+
+def test_checkpoint_shapes_can_be_allowed_for_fine_tuning(data_root, tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save({"model": {"roi_heads.box_predictor.cls_score.weight": torch.zeros(6, 256)}}, path)
+    args = default_argument_parser().parse_args(
+        ["--num-gpus", "2", "--config-file", CONFIG, "DATASETS.QUICKSTART.ROOT", data_root,
+         "MODEL.WEIGHTS", str(path), "MEGDET.STRICT_SHAPES", "False"]
+    )  # fmt: skip
+    train_net.load_config(args)  # detectron2's behaviour: a warning at load time, no error
+
+
+def test_truncated_checkpoint_is_named(capsys, data_root, tmp_path):
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": {"w": torch.zeros(1000)}}, path)
+    path.write_bytes(path.read_bytes()[:100])  # as if the copy was cut off
+    message = config_error(capsys, data_root, "MODEL.WEIGHTS", str(path))
+    assert message.startswith(f"MODEL.WEIGHTS='{path}' cannot be read as a checkpoint ("), message
+
+
+def test_resume_from_a_last_checkpoint_naming_a_missing_file(capsys, data_root, tmp_path):
+    (tmp_path / "last_checkpoint").write_text("model_0000009.pth")
+    message = config_error(capsys, data_root, "OUTPUT_DIR", str(tmp_path), flags=["--resume"])
+    assert message.startswith(
+        f"OUTPUT_DIR/last_checkpoint ({tmp_path / 'last_checkpoint'}) names 'model_0000009.pth', "
+        "which does not exist in OUTPUT_DIR"
+    ), message

@@ -17,6 +17,8 @@ from detectron2.checkpoint import DetectionCheckpointer
 
 __all__ = ["MegDetCheckpointer", "atomic_write"]
 
+_SHOWN = 3  # mismatched tensors named in the error (then "and N more")
+
 
 def atomic_write(path, write):
     """Call ``write(f)`` on a temporary binary file, then rename it to ``path`` atomically.
@@ -77,10 +79,11 @@ class MegDetCheckpointer(DetectionCheckpointer):
     def _load_model(self, checkpoint):
         incompatible = super()._load_model(checkpoint)
         if self.strict_shapes and incompatible.incorrect_shapes:
+            wrong = incompatible.incorrect_shapes
             mismatches = ", ".join(
                 f"{key} {tuple(ckpt)} in the checkpoint vs {tuple(model)} in the model"
-                for key, ckpt, model in incompatible.incorrect_shapes
-            )
+                for key, ckpt, model in wrong[:_SHOWN]
+            ) + (f" and {len(wrong) - _SHOWN} more" if len(wrong) > _SHOWN else "")
             raise ValueError(
                 f"checkpoint shapes do not fit the model: {mismatches}; load a checkpoint of "
                 "this model, or set MEGDET.STRICT_SHAPES False to train those tensors from "

@@ -9,15 +9,20 @@ Each check raises a one-line ``ValueError`` "KEY=value <what is wrong>; <fix>";
 
 import contextlib
 import difflib
+import logging
 import os
+import pickle
 import sys
+import warnings
 
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.modeling import build_model
 
 from ..layers import known_norm_names
 from ..layers.groups import check_group_size
 from ..solver import check_solver_config
+from .checkpoint import MegDetCheckpointer
 
 __all__ = [
     "check_config",
@@ -49,25 +54,23 @@ def check_config(cfg, num_machines, procs_per_machine, training=True, resume=Fal
         num_machines, procs_per_machine: the launch (``--num-machines``, ``--num-gpus``, or
             torchrun's ``WORLD_SIZE / LOCAL_WORLD_SIZE`` and ``LOCAL_WORLD_SIZE``).
         training: also check the solver and the training datasets (not for ``--eval-only``).
-        resume: ``--resume``; ``MODEL.WEIGHTS`` is then unused if ``OUTPUT_DIR`` holds a
-            checkpoint, so it is not checked.
+        resume: ``--resume``; the checkpoint named by ``OUTPUT_DIR/last_checkpoint``, if any,
+            is checked instead of ``MODEL.WEIGHTS`` (which is then unused).
     """
     world_size = num_machines * procs_per_machine
     check_device(cfg, procs_per_machine)
     check_group_size(cfg.MODEL.CGBN.GROUP_SIZE, world_size, procs_per_machine)
     check_norms(cfg)
     check_datasets(cfg, training)
-    if not (resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))):
-        check_weights(cfg)
-    if not training:
-        return
-    ims = cfg.SOLVER.IMS_PER_BATCH
-    if ims < world_size or ims % world_size != 0:
-        raise ValueError(
-            f"SOLVER.IMS_PER_BATCH={ims} must be a positive multiple of the number of processes "
-            f"({world_size}); set it to e.g. {world_size * max(1, ims // world_size)}"
-        )
-    check_solver_config(cfg)
+    if training:
+        ims = cfg.SOLVER.IMS_PER_BATCH
+        if ims < world_size or ims % world_size != 0:
+            raise ValueError(
+                f"SOLVER.IMS_PER_BATCH={ims} must be a positive multiple of the number of "
+                f"processes ({world_size}); set it to e.g. {world_size * max(1, ims // world_size)}"
+            )
+        check_solver_config(cfg)
+    check_weights(cfg, resume)  # last: it reads the checkpoint
 
 
 def check_device(cfg, procs_per_machine):
@@ -138,14 +141,81 @@ def check_datasets(cfg, training=True):
                 )
 
 
-def check_weights(cfg):
-    """A local ``MODEL.WEIGHTS`` file must exist (URLs and detectron2:// are left to loading)."""
-    path = cfg.MODEL.WEIGHTS
-    if path and _is_local(path) and not os.path.isfile(path):
+def _checkpoint_to_load(cfg, resume):
+    """``(key, path)`` of the checkpoint the run loads, as ``resume_or_load`` picks it."""
+    last = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")
+    if resume and os.path.isfile(last):
+        with open(last) as f:
+            name = f.read().strip()
+        key = f"OUTPUT_DIR/last_checkpoint ({last})"
+        path = os.path.join(cfg.OUTPUT_DIR, name)
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"{key} names {name!r}, which does not exist in OUTPUT_DIR; restore that file, "
+                "or remove last_checkpoint to start from MODEL.WEIGHTS"
+            )
+        return key, path
+    return "MODEL.WEIGHTS", cfg.MODEL.WEIGHTS
+
+
+def check_weights(cfg, resume=False):
+    """The local checkpoint the run will load exists and fits the model (URLs and
+    detectron2:// paths are left to loading).
+
+    The shapes are compared on a model built on the ``meta`` device (no memory, no
+    initialisation cost) with the same checkpointer and name conversions as the real load, so
+    that a mismatch costs seconds in the launcher rather than a traceback from every worker.
+    """
+    key, path = _checkpoint_to_load(cfg, resume)
+    if not path or not _is_local(path):
+        return
+    if not os.path.isfile(path):
         raise ValueError(
-            f"MODEL.WEIGHTS={path!r} is not a file; give an existing checkpoint, a URL or "
+            f"{key}={path!r} is not a file; give an existing checkpoint, a URL or "
             "detectron2:// path, or '' to start from scratch"
         )
+    if not cfg.MEGDET.STRICT_SHAPES:
+        return
+    model = _meta_model(cfg)
+    if model is None:
+        return
+    with _quiet():
+        try:
+            MegDetCheckpointer(model, strict_shapes=True).load(path, checkpointables=[])
+        except ValueError as e:
+            raise ValueError(f"{key}={path!r}: {e}") from None
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            raise ValueError(
+                f"{key}={path!r} cannot be read as a checkpoint ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); give a complete checkpoint file"
+            ) from None
+
+
+def _meta_model(cfg):
+    """``build_model(cfg)`` with every tensor on the ``meta`` device, or None if this model
+    cannot be built there (the check is then left to the real load in each worker)."""
+    meta_cfg = cfg.clone()
+    meta_cfg.defrost()
+    meta_cfg.MODEL.DEVICE = "meta"
+    try:
+        with _quiet(), torch.device("meta"):
+            return build_model(meta_cfg)
+    except Exception:  # any builder: an early check must not block a model it cannot build
+        logging.getLogger(__name__).debug("cannot build the model on meta", exc_info=True)
+        return None
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the loaders' logs and warnings (the launcher has no log file yet)."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
 
 
 @contextlib.contextmanager
