@@ -4,8 +4,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -91,25 +93,44 @@ def test_lr_follows_linear_scaling_warmup_and_the_preset(trained):
     assert "MAX_ITER: 22" in dumped and "- 16\n  - 20" in dumped
 
 
-def test_resume_continues_with_the_same_iteration_and_lr(trained):
+def test_resume_after_a_kill_continues_with_the_same_iteration_lr_and_losses(trained):
+    """SIGKILL the whole job right after its first checkpoint, then ``--resume`` it."""
     tmp_path, out, _ = trained
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copy(out / "model_0000009.pth", resumed)  # as if killed after iteration 9
-    (resumed / "last_checkpoint").write_text("model_0000009.pth")
-    train_net(
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--dist-url", "auto",
+           "--num-gpus", "2", "--config-file", CONFIG,
+           *tiny_opts(tmp_path, "OUTPUT_DIR", str(killed))]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    last = killed / "last_checkpoint"
+    try:
+        deadline = time.monotonic() + 300
+        while not (last.exists() and last.read_text() == "model_0000009.pth"):
+            assert proc.poll() is None, f"training exited ({proc.returncode}) before the kill"
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers, mid-training
+        proc.wait()
+    assert not (killed / "model_final.pth").exists()
+    proc = train_net(
         "--num-gpus", "2", "--resume", "--config-file", CONFIG,
-        *tiny_opts(tmp_path, "OUTPUT_DIR", str(resumed)),
+        *tiny_opts(tmp_path, "OUTPUT_DIR", str(killed)),
     )  # fmt: skip
+    assert "Starting training from iteration 10" in proc.stdout + proc.stderr
     full = {m["iteration"]: m for m in read_metrics(out / "metrics.json") if "lr" in m}
-    again = {m["iteration"]: m for m in read_metrics(resumed / "metrics.json") if "lr" in m}
-    assert sorted(again) == list(range(10, MAX_ITER))
+    again = {}  # the killed run's records, then the resumed run's (the last one counts)
+    for m in read_metrics(killed / "metrics.json"):
+        if "lr" in m:
+            again[m["iteration"]] = m
+    assert sorted(again) == list(range(MAX_ITER))
     assert all(again[it]["lr"] == pytest.approx(full[it]["lr"], rel=1e-9) for it in again)
     # Same data (the sampler skips the images already read), same random draws (seeded per
     # iteration) and same optimizer state: every loss equals the uninterrupted run's.
     losses = [k for k in full[10] if k.startswith("loss_")] + ["total_loss"]
     assert len(losses) >= 5, losses
-    for it in again:
+    for it in range(10, MAX_ITER):
         for k in losses:
             assert again[it][k] == pytest.approx(full[it][k], rel=1e-5, abs=1e-7), (it, k)
 
