@@ -1,22 +1,12 @@
 """experiments/bn_size_trend.py: argument handling and the commands it would run (no training)."""
 
-import importlib.util
 import json
-import os
 
 import pytest
 
+from tests.utils.scripts import load_script
 
-def _load_script(relpath):
-    """Import a repository script by path (detectron2 installs a package named ``tools``)."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), relpath)
-    spec = importlib.util.spec_from_file_location(os.path.basename(relpath)[:-3], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bn_size_trend = _load_script("experiments/bn_size_trend.py")
+bn_size_trend = load_script("experiments/bn_size_trend.py")
 
 
 def test_dry_run_commands():

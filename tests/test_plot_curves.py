@@ -1,22 +1,12 @@
 """Figures 1 / 4: the series read from metrics.json are the ones plotted."""
 
-import importlib.util
 import json
-import os
 
 import pytest
 
+from tests.utils.scripts import load_script
 
-def _load_script(relpath):
-    """Import a repository script by path (detectron2 installs a package named ``tools``)."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), relpath)
-    spec = importlib.util.spec_from_file_location(os.path.basename(relpath)[:-3], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_plot_curves = _load_script("tools/plot_curves.py")
+_plot_curves = load_script("tools/plot_curves.py")
 extract_series, main, plot_curves = (
     _plot_curves.extract_series,
     _plot_curves.main,

@@ -1,8 +1,6 @@
 """Table 1: the sample-statistics hook sums over the mini-batch (2 gloo processes); the table."""
 
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pytest
@@ -13,18 +11,9 @@ from detectron2.utils.events import get_event_storage
 
 from megdet_d2.engine import SampleStatsHook
 from tests.utils.dist import run_distributed
+from tests.utils.scripts import load_script
 
-
-def _load_script(relpath):
-    """Import a repository script by path (detectron2 installs a package named ``tools``)."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), relpath)
-    spec = importlib.util.spec_from_file_location(os.path.basename(relpath)[:-3], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-sample_stats_table = _load_script("tools/sample_stats_table.py")
+sample_stats_table = load_script("tools/sample_stats_table.py")
 
 IMAGES = 3  # per process
 
