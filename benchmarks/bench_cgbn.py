@@ -134,6 +134,7 @@ def _worker(rank, port, args):
             for i, row in enumerate(rows)
         ]
         _print_table(table, args, device)
+    dist.barrier()  # nobody tears down gloo while a peer still uses it
     dist.destroy_process_group()
 
 

@@ -5,6 +5,10 @@ every process, wraps each in DDP as the trainer does, and times forward + backwa
 on the same pre-loaded batches, the variants taking turns within each iteration so load bursts
 on a shared machine hit them alike. Prints medians and the overhead of each norm over BN.
 
+``BNAR`` is the communication floor of any synchronised BN: plain BN that also runs a bare
+``all_reduce`` of 2C+1 values over CGBN's group in forward and 2C in backward, as CGBN does,
+but computes nothing with them. CGBN's own cost is its time over that floor.
+
     python benchmarks/bench_iteration.py --iters 30 --warmup 5
 """
 
@@ -15,6 +19,7 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from detectron2.config import get_cfg
 from detectron2.data import build_detection_train_loader
 from detectron2.engine import launch
@@ -26,11 +31,35 @@ from detectron2.utils.events import EventStorage
 from megdet_d2 import add_megdet_config
 from megdet_d2.data import register_quickstart_datasets
 from megdet_d2.engine import create_ddp_model, setup_cgbn_groups
+from megdet_d2.layers import NORM_REGISTRY, get_cgbn_group
 
 CONFIG = os.path.join(
     os.path.dirname(__file__), "..", "configs", "quickstart", "shapes_R18_FPN.yaml"
 )
-NORMS = ("BN", "CGBN", "naiveSyncBN")
+NORMS = ("BN", "BNAR", "CGBN", "naiveSyncBN")
+
+
+class _BareAllReduce(torch.autograd.Function):
+    """Identity whose forward and backward each run one all_reduce of CGBN's payload size."""
+
+    @staticmethod
+    def forward(ctx, x, channels):
+        ctx.channels = channels
+        dist.all_reduce(torch.zeros(2 * channels + 1, dtype=torch.float64), group=get_cgbn_group())
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        dist.all_reduce(torch.zeros(2 * ctx.channels), group=get_cgbn_group())
+        return grad, None
+
+
+@NORM_REGISTRY.register()
+class BNAR(nn.BatchNorm2d):
+    """Per-process BN plus CGBN's two collectives: the communication floor."""
+
+    def forward(self, x):
+        return super().forward(_BareAllReduce.apply(x, self.num_features))
 
 
 def build_cfg(norm, opts):
@@ -73,10 +102,15 @@ def worker(args):
     dist.all_reduce(medians, op=dist.ReduceOp.MAX)
     if comm.is_main_process():
         base = medians[0].item()
+        floor = medians[NORMS.index("BNAR")].item()
         print(f"\n{args.iters} timed iterations (median, slowest rank), 2 processes x 2 images\n")
-        print("| norm (backbone + FPN) | ms / iteration | vs BN |\n|---|---|---|")
+        print("| norm (backbone + FPN) | ms / iteration | vs BN | vs BNAR (floor) |")
+        print("|---|---|---|---|")
         for norm, t in zip(NORMS, medians.tolist()):
-            print(f"| {norm} | {1000 * t:.0f} | {100 * (t / base - 1):+.1f}% |")
+            print(
+                f"| {norm} | {1000 * t:.0f} | {100 * (t / base - 1):+.1f}% | "
+                f"{100 * (t / floor - 1):+.1f}% |"
+            )
 
 
 def main():
