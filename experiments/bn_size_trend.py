@@ -18,11 +18,12 @@ on 2 CPU cores).
 """
 
 import argparse
-import json
 import math
 import os
 import subprocess
 import sys
+
+from megdet_d2.utils import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "quickstart", "shapes_R18_FPN.yaml")
@@ -68,11 +69,9 @@ def train_command(args, variant):
 
 def final_ap(run_dir):
     """Last bbox/AP in metrics.json; None if the run failed before evaluating."""
-    path = os.path.join(run_dir, "metrics.json")
-    if not os.path.isfile(path):
+    if not os.path.isfile(os.path.join(run_dir, "metrics.json")):
         return None
-    with open(path) as f:
-        aps = [r["bbox/AP"] for r in map(json.loads, f) if "bbox/AP" in r]
+    aps = [r["bbox/AP"] for r in read_metrics(run_dir) if "bbox/AP" in r]
     return aps[-1] if aps else None
 
 

@@ -71,3 +71,13 @@ def test_cli_errors_and_fallback(tmp_path, capsys):
     assert list(ax_e.get_lines()[0].get_xdata()) == [4.0, 6.0]
     with pytest.raises(SystemExit):
         main([str(tmp_path / "run"), "--labels", "a", "b", "--iters-per-epoch", "5"])
+
+
+def test_resumed_run_plots_each_evaluation_once(tmp_path):
+    """Killed after evaluating at 29 (but before the checkpoint at 29 was kept), resumed from
+    19: the iterations 20-29 and their evaluation are logged twice; the resumed ones count."""
+    killed = RECORDS + [{"iteration": 29, "time": 999.0}, {"iteration": 29, "bbox/AP": 99.0}]
+    _write_run(tmp_path / "run", killed + RECORDS[3:])
+    series = extract_series(str(tmp_path / "run"))
+    assert series["ap"] == [10.0, 15.0] and series["iterations"] == [19, 29]
+    assert series["hours"] == pytest.approx([0.2, 0.4])

@@ -10,6 +10,7 @@ from detectron2.engine import SimpleTrainer
 from detectron2.utils.events import get_event_storage
 
 from megdet_d2.engine import SampleStatsHook
+from megdet_d2.utils import read_metrics
 from tests.utils.dist import run_distributed
 from tests.utils.scripts import load_script
 
@@ -103,3 +104,17 @@ def test_table_from_metrics_files(tmp_path, capsys):
     assert lines[3] == "| 2 | 33.33 | – |"  # 50 / 150
     rpn = sample_stats_table.main([str(tmp_path / "a"), "--epochs", "1", "--kind", "rpn"])
     assert rpn[2] == "| 1 | 25.00 |"
+
+
+def test_resumed_run_counts_each_iteration_once(tmp_path):
+    """A run killed after logging iterations 0-11 and resumed from its checkpoint at 9 logs
+    iterations 10 and 11 again; the resumed values count, once."""
+    killed = [_rec(0, 10, 90), _rec(9, 30, 170), _rec(10, 999, 1), _rec(11, 999, 1)]
+    resumed = [_rec(10, 50, 150), _rec(11, 20, 80), {"iteration": 11, "bbox/AP": 7.0}]
+    _write_run(tmp_path / "run", 16, 10, killed + resumed)
+    records = read_metrics(str(tmp_path / "run"))
+    assert [r["iteration"] for r in records] == [0, 9, 10, 11]
+    assert records[-1]["sample_stats/roi_num_pos"] == 20 and records[-1]["bbox/AP"] == 7.0
+    lines = sample_stats_table.main([str(tmp_path / "run"), "--epochs", "1", "2"])
+    assert lines[2] == "| 1 | 15.38 |"
+    assert lines[3] == "| 2 | 30.43 |"  # (50 + 20) / (150 + 80), not the killed run's

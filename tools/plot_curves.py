@@ -14,28 +14,16 @@ Reads each output directory's ``metrics.json`` and ``config.yaml``:
 """
 
 import argparse
-import json
 import os
 
 import matplotlib
-import yaml
+
+from megdet_d2.utils import read_config, read_metrics
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
 
 __all__ = ["extract_series", "plot_curves"]
-
-
-def _read_run(run_dir):
-    """(metrics.json records, config.yaml as dicts or {})."""
-    with open(os.path.join(run_dir, "metrics.json")) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    path = os.path.join(run_dir, "config.yaml")
-    config = {}
-    if os.path.isfile(path):
-        with open(path) as f:
-            config = yaml.safe_load(f) or {}
-    return records, config
 
 
 def extract_series(run_dir, fallback_ipe=None, label=None):
@@ -46,8 +34,7 @@ def extract_series(run_dir, fallback_ipe=None, label=None):
         (training hours at each evaluation), ``epochs`` (epochs at each evaluation) and
         ``decay_epochs`` (epochs of the LR decays).
     """
-    records, config = _read_run(run_dir)
-    records.sort(key=lambda r: r["iteration"])
+    records, config = read_metrics(run_dir), read_config(run_dir)
     ipe = config.get("SOLVER", {}).get("MEGDET", {}).get("ITERS_PER_EPOCH", 0) or fallback_ipe
     if not ipe:
         raise ValueError(

@@ -13,27 +13,11 @@ schedule presets), else from ``--iters-per-epoch``.
 """
 
 import argparse
-import json
 import os
 
-import yaml
+from megdet_d2.utils import read_config, read_metrics
 
 KINDS = {"roi": "sample_stats/roi_num_", "rpn": "sample_stats/rpn_num_"}
-
-
-def read_metrics(run_dir):
-    """The records of ``run_dir/metrics.json``, one dict per line."""
-    with open(os.path.join(run_dir, "metrics.json")) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def read_config(run_dir):
-    """``run_dir/config.yaml`` as nested dicts ({} when missing)."""
-    path = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return yaml.safe_load(f) or {}
 
 
 def iters_per_epoch(config, fallback=None):
