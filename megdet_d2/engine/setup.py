@@ -10,7 +10,7 @@ import os
 import torch
 from detectron2.utils import comm
 
-from ..layers.groups import create_cgbn_groups
+from ..layers.groups import create_cgbn_groups, group_ranks_count
 
 __all__ = [
     "bn_size",
@@ -49,9 +49,8 @@ def bn_size(cfg, world_size, procs_per_machine):
         procs = 1
     elif share == "world":
         procs = world_size
-    else:  # MODEL.CGBN.GROUP_SIZE: 0 = one machine, -1 = all ranks, k = blocks of k
-        group = cfg.MODEL.CGBN.GROUP_SIZE
-        procs = {0: procs_per_machine, -1: world_size}.get(group, group)
+    else:  # MODEL.CGBN.GROUP_SIZE
+        procs = group_ranks_count(cfg.MODEL.CGBN.GROUP_SIZE, world_size, procs_per_machine)
     return procs * (cfg.SOLVER.IMS_PER_BATCH // world_size)
 
 

@@ -14,6 +14,7 @@ __all__ = [
     "create_cgbn_groups",
     "get_cgbn_group",
     "get_cgbn_group_ranks",
+    "group_ranks_count",
     "reset_cgbn_groups",
 ]
 
@@ -38,8 +39,13 @@ def check_group_size(group_size, world_size, procs_per_machine):
         )
 
 
+def group_ranks_count(group_size, world_size, procs_per_machine):
+    """Processes per CGBN group for ``MODEL.CGBN.GROUP_SIZE`` (0: a machine, -1: all, k: k)."""
+    return {0: procs_per_machine, -1: world_size}.get(group_size, group_size)
+
+
 def _layout(group_size, world_size, procs_per_machine):
-    block = {0: procs_per_machine, -1: world_size}.get(group_size, group_size)
+    block = group_ranks_count(group_size, world_size, procs_per_machine)
     return [list(range(start, start + block)) for start in range(0, world_size, block)]
 
 
