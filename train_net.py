@@ -79,15 +79,21 @@ def load_config(args):
     return cfg
 
 
-def setup(args):
-    cfg = load_config(args)
+def setup(args, cfg=None):
+    """``cfg``: the config the launcher already loaded and checked, so that the checks, the
+    preset's image count and the checkpoint read are not repeated in every worker; None (e.g.
+    ``main(args)`` called directly): load it here."""
+    if cfg is None:
+        cfg = load_config(args)
+    else:
+        register_quickstart_datasets(cfg)  # the dataset catalog is per process
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="megdet_d2")
     return cfg
 
 
-def main(args):
-    cfg = setup(args)
+def main(args, cfg=None):
+    cfg = setup(args, cfg)
     set_cpu_threads(cfg)
     setup_cgbn_groups(cfg)
     if args.eval_only:
@@ -113,6 +119,6 @@ if __name__ == "__main__":
         num_machines=args.num_machines,
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
-        args=(args,),
+        args=(args, cfg),
         timeout=timedelta(seconds=cfg.MEGDET.DIST_TIMEOUT_S),  # a dead peer fails the job
     )

@@ -1,8 +1,9 @@
 """Start-up checks: a bad config ends the job with one line naming the key, before any work.
 
-Everything here is cheap and needs no process group, so ``train_net.py`` runs it in the
-launching process (or, under torchrun, in every worker before the process group is made):
-a wrong value costs seconds, not the hours after which a spawned job would discover it.
+Nothing here needs a process group or builds a real model (the checkpoint is compared with a
+``meta``-device model), so ``train_net.py`` runs it once in the launching process (or, under
+torchrun, in every worker before the process group is made): a wrong value costs seconds, not
+the hours after which a spawned job would discover it.
 Each check raises a one-line ``ValueError`` "KEY=value <what is wrong>; <fix>";
 :func:`exit_on_config_error` turns it into ``Config error: ...`` on stderr and exit status 2.
 """
