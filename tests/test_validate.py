@@ -82,6 +82,10 @@ def test_valid_config_passes(data_root):
          "mean ['megdet_shapes_train'"),
         (["DATASETS.TEST", "('no_such_set',)"], 2, "DATASETS.TEST names 'no_such_set', which is"),
         (["MODEL.WEIGHTS", "/no/such/model.pth"], 2, "MODEL.WEIGHTS='/no/such/model.pth' is not a"),
+        (["MODEL.ROI_HEADS.NUM_CLASSES", "80"], 2, "MODEL.ROI_HEADS.NUM_CLASSES=80 but dataset "
+         "'megdet_shapes_train' has 3 classes; set MODEL.ROI_HEADS.NUM_CLASSES 3"),
+        (["MODEL.META_ARCHITECTURE", "RetinaNet", "MODEL.RETINANET.NUM_CLASSES", "2"], 2,
+         "MODEL.RETINANET.NUM_CLASSES=2 but dataset 'megdet_shapes_train' has 3 classes; set"),
     ],
 )  # fmt: skip
 def test_bad_value_is_one_line_naming_key_value_and_fix(

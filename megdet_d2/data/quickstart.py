@@ -152,4 +152,5 @@ def register_quickstart_datasets(cfg):
                 continue
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
-        register_coco_instances(name, {}, json_file, image_root)
+        # thing_classes known at registration lets start-up checks compare NUM_CLASSES with it
+        register_coco_instances(name, {"thing_classes": list(CLASSES)}, json_file, image_root)

@@ -10,6 +10,7 @@ Each check raises a one-line ``ValueError`` "KEY=value <what is wrong>; <fix>";
 
 import contextlib
 import difflib
+import functools
 import logging
 import os
 import pickle
@@ -30,6 +31,7 @@ __all__ = [
     "check_datasets",
     "check_device",
     "check_norms",
+    "check_num_classes",
     "check_weights",
     "exit_on_config_error",
 ]
@@ -63,6 +65,7 @@ def check_config(cfg, num_machines, procs_per_machine, training=True, resume=Fal
     check_group_size(cfg.MODEL.CGBN.GROUP_SIZE, world_size, procs_per_machine)
     check_norms(cfg)
     check_datasets(cfg, training)
+    check_num_classes(cfg, training)
     if training:
         ims = cfg.SOLVER.IMS_PER_BATCH
         if ims < world_size or ims % world_size != 0:
@@ -140,6 +143,36 @@ def check_datasets(cfg, training=True):
                     "data there (detectron2 looks under $DETECTRON2_DATASETS, default "
                     "./datasets) or register the dataset with the right paths"
                 )
+
+
+# The key holding the number of object classes, per meta-architecture (as detectron2 builds them).
+_NUM_CLASSES_KEYS = {
+    "GeneralizedRCNN": "MODEL.ROI_HEADS.NUM_CLASSES",
+    "PanopticFPN": "MODEL.ROI_HEADS.NUM_CLASSES",
+    "RetinaNet": "MODEL.RETINANET.NUM_CLASSES",
+}
+
+
+def check_num_classes(cfg, training=True):
+    """The model's number of classes equals that of every dataset it trains or tests on.
+
+    A mismatch otherwise fails late: fewer classes than the dataset is an index error in the
+    first loss, more is an assertion in COCOEvaluator after the first evaluation. Datasets
+    whose ``thing_classes`` are only known after loading them (plain ``register_coco_instances``)
+    are not checked.
+    """
+    key = _NUM_CLASSES_KEYS.get(cfg.MODEL.META_ARCHITECTURE)
+    if key is None:
+        return
+    num_classes = functools.reduce(getattr, key.split("."), cfg)
+    names = (list(cfg.DATASETS.TRAIN) if training else []) + list(cfg.DATASETS.TEST)
+    for name in names:
+        classes = MetadataCatalog.get(name).get("thing_classes", None)
+        if classes is not None and len(classes) != num_classes:
+            raise ValueError(
+                f"{key}={num_classes} but dataset {name!r} has {len(classes)} classes; set "
+                f"{key} {len(classes)} (or use datasets with {num_classes} classes)"
+            )
 
 
 def _checkpoint_to_load(cfg, resume):
