@@ -7,7 +7,9 @@ on a shared machine hit them alike. Prints medians and the overhead of each norm
 
 ``BNAR`` is the communication floor of any synchronised BN: plain BN that also runs a bare
 ``all_reduce`` of 2C+1 values over CGBN's group in forward and 2C in backward, as CGBN does,
-but computes nothing with them. CGBN's own cost is its time over that floor.
+but computes nothing with them. CGBN's own cost is its time over that floor. ``ARs alone`` runs
+the same all-reduces back to back with no model at all: the least any design with one
+collective each way per layer can add to BN's iteration.
 
     python benchmarks/bench_iteration.py --iters 30 --warmup 5
 """
@@ -31,7 +33,7 @@ from detectron2.utils.events import EventStorage
 from megdet_d2 import add_megdet_config
 from megdet_d2.data import register_quickstart_datasets
 from megdet_d2.engine import create_ddp_model, setup_cgbn_groups
-from megdet_d2.layers import NORM_REGISTRY, get_cgbn_group
+from megdet_d2.layers import CGBN, NORM_REGISTRY, get_cgbn_group
 
 CONFIG = os.path.join(
     os.path.dirname(__file__), "..", "configs", "quickstart", "shapes_R18_FPN.yaml"
@@ -85,32 +87,51 @@ def worker(args):
         model = build_model(cfg)
         optimizer = build_optimizer(cfg, model)
         steps[norm] = (create_ddp_model(model, broadcast_buffers=False), optimizer)
-    times = {norm: [] for norm in NORMS}
+    channels = [m.num_features for m in steps["CGBN"][0].modules() if isinstance(m, CGBN)]
+    payloads = [torch.zeros(2 * c + 1, dtype=torch.float64) for c in channels]
+    payloads += [torch.zeros(2 * c) for c in reversed(channels)]
+    runs = {norm: _train_step(model, optimizer) for norm, (model, optimizer) in steps.items()}
+    runs["ARs alone"] = lambda batch: [dist.all_reduce(p, group=get_cgbn_group()) for p in payloads]
+    times = {name: [] for name in runs}
     with EventStorage(0):
         for i, batch in enumerate(batches):
-            for norm, (model, optimizer) in steps.items():
+            for name, run in runs.items():
                 dist.barrier()
                 start = time.perf_counter()
-                loss = sum(model(batch).values())
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
+                run(batch)
                 if i >= args.warmup:
-                    times[norm].append(time.perf_counter() - start)
+                    times[name].append(time.perf_counter() - start)
     # The slower rank sets the pace of a synchronous job.
-    medians = torch.tensor([statistics.median(times[n]) for n in NORMS], dtype=torch.float64)
+    medians = torch.tensor([statistics.median(t) for t in times.values()], dtype=torch.float64)
     dist.all_reduce(medians, op=dist.ReduceOp.MAX)
     if comm.is_main_process():
-        base = medians[0].item()
-        floor = medians[NORMS.index("BNAR")].item()
-        print(f"\n{args.iters} timed iterations (median, slowest rank), 2 processes x 2 images\n")
-        print("| norm (backbone + FPN) | ms / iteration | vs BN | vs BNAR (floor) |")
-        print("|---|---|---|---|")
-        for norm, t in zip(NORMS, medians.tolist()):
-            print(
-                f"| {norm} | {1000 * t:.0f} | {100 * (t / base - 1):+.1f}% | "
-                f"{100 * (t / floor - 1):+.1f}% |"
-            )
+        _print_table(dict(zip(times, medians.tolist())), len(payloads), args)
+
+
+def _train_step(model, optimizer):
+    def run(batch):
+        loss = sum(model(batch).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return run
+
+
+def _print_table(medians, num_collectives, args):
+    base, floor = medians["BN"], medians["BNAR"]
+    print(f"\n{args.iters} timed iterations (median, slowest rank), 2 processes x 2 images\n")
+    print("| norm (backbone + FPN) | ms / iteration | vs BN | vs BNAR (floor) |")
+    print("|---|---|---|---|")
+    for norm in NORMS:
+        t = medians[norm]
+        print(f"| {norm} | {1000 * t:.0f} | {100 * (t / base - 1):+.1f}% | "
+              f"{100 * (t / floor - 1):+.1f}% |")  # fmt: skip
+    alone = medians["ARs alone"]
+    print(
+        f"\nARs alone: {num_collectives} bare all-reduces back to back, no model: "
+        f"{1000 * alone:.1f} ms = {100 * alone / base:.1f}% of the BN iteration"
+    )
 
 
 def main():
