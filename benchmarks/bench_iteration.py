@@ -125,8 +125,10 @@ def _print_table(medians, num_collectives, args):
     print("|---|---|---|---|")
     for norm in NORMS:
         t = medians[norm]
-        print(f"| {norm} | {1000 * t:.0f} | {100 * (t / base - 1):+.1f}% | "
-              f"{100 * (t / floor - 1):+.1f}% |")  # fmt: skip
+        print(
+            f"| {norm} | {1000 * t:.0f} | {100 * (t / base - 1):+.1f}% | "
+            f"{100 * (t / floor - 1):+.1f}% |"
+        )
     alone = medians["ARs alone"]
     print(
         f"\nARs alone: {num_collectives} bare all-reduces back to back, no model: "

@@ -156,10 +156,10 @@ _NUM_CLASSES_KEYS = {
 def check_num_classes(cfg, training=True):
     """The model's number of classes equals that of every dataset it trains or tests on.
 
-    A mismatch otherwise fails late: fewer classes than the dataset is an index error in the
-    first loss, more is an assertion in COCOEvaluator after the first evaluation. Datasets
-    whose ``thing_classes`` are only known after loading them (plain ``register_coco_instances``)
-    are not checked.
+    A mismatch otherwise fails late: fewer classes than the dataset is a target-out-of-range
+    error in the first loss, more can be an assertion in COCOEvaluator after the first
+    evaluation. Datasets whose ``thing_classes`` are only known after loading them (plain
+    ``register_coco_instances``) are not checked.
     """
     key = _NUM_CLASSES_KEYS.get(cfg.MODEL.META_ARCHITECTURE)
     if key is None:
