@@ -119,14 +119,18 @@ def _is_local(path):
     return "://" not in path
 
 
+def _dataset_names(cfg, training):
+    """``(key, name)`` of every dataset the run reads: ``DATASETS.TRAIN`` (when training), then
+    ``DATASETS.TEST``."""
+    names = [("DATASETS.TRAIN", name) for name in cfg.DATASETS.TRAIN] if training else []
+    return names + [("DATASETS.TEST", name) for name in cfg.DATASETS.TEST]
+
+
 def check_datasets(cfg, training=True):
     """Every dataset named in ``DATASETS.TEST`` (and ``TRAIN`` when training) is registered and
     its files exist (detectron2 registers ``coco_2017_*`` etc. whether or not they do)."""
-    names = [("DATASETS.TEST", n) for n in cfg.DATASETS.TEST]
-    if training:
-        names = [("DATASETS.TRAIN", n) for n in cfg.DATASETS.TRAIN] + names
     registered = DatasetCatalog.list()
-    for key, name in names:
+    for key, name in _dataset_names(cfg, training):
         if name not in registered:
             close = difflib.get_close_matches(name, registered, n=3)
             hint = f" (did you mean {close}?)" if close else ""
@@ -165,8 +169,7 @@ def check_num_classes(cfg, training=True):
     if key is None:
         return
     num_classes = functools.reduce(getattr, key.split("."), cfg)
-    names = (list(cfg.DATASETS.TRAIN) if training else []) + list(cfg.DATASETS.TEST)
-    for name in names:
+    for _, name in _dataset_names(cfg, training):
         classes = MetadataCatalog.get(name).get("thing_classes", None)
         if classes is not None and len(classes) != num_classes:
             raise ValueError(
