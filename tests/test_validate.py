@@ -5,6 +5,7 @@ before spawning, inside ``exit_on_config_error``); two run ``train_net.py`` for 
 exit path (status 2, one line on stderr, no traceback, no worker spawned).
 """
 
+import contextlib
 import json
 import os
 import subprocess
@@ -166,15 +167,21 @@ def _train_net_fails_fast(tmp_path, *opts):
            "OUTPUT_DIR", str(tmp_path / "out"), *opts]  # fmt: skip
     start = time.monotonic()
     proc = psutil.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    children = set()
+    # Workers are multiprocessing "spawn" children (`python -c "from multiprocessing.spawn
+    # import spawn_main ..."`); other short-lived children, e.g. the `ldconfig -p` that
+    # ctypes.util.find_library runs while torch is imported, are not workers.
+    workers = set()
     while proc.poll() is None and time.monotonic() - start < 120:
-        children |= {c.pid for c in proc.children(recursive=True)}
+        for child in proc.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if "multiprocessing" in " ".join(child.cmdline()):
+                    workers.add(child.pid)
         time.sleep(0.1)
     _, stderr = proc.communicate(timeout=10)
     assert proc.returncode == 2, stderr[-3000:]
     assert time.monotonic() - start < 60
     assert "Traceback" not in stderr
-    assert not children, "a worker was spawned"
+    assert not workers, "a worker was spawned"
     assert not (tmp_path / "out").exists()
     return stderr.strip().splitlines()[-1]
 
