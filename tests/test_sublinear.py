@@ -22,8 +22,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 import megdet_d2.layers  # noqa: F401  (registration: "CGBN")
 from megdet_d2.config import add_megdet_config
-from megdet_d2.layers.cgbn import CGBN, StatisticsTape
+from megdet_d2.layers.cgbn import CGBN
 from megdet_d2.modeling import apply_sublinear_memory, is_checkpointed, uncheckpoint_module
+from megdet_d2.modeling.statistics_tape import StatisticsTape, forward_collective
 from tests.utils.dist import run_distributed
 
 QUICKSTART = os.path.join(
@@ -148,15 +149,13 @@ def test_statistics_tape_replays_in_order_and_refuses_extra_calls():
     tape = StatisticsTape()
     with tape.record():
         a = torch.zeros(2)
-        from megdet_d2.layers.cgbn import _forward_collective
-
-        _forward_collective(a, lambda: a.fill_(3.0))
+        forward_collective(a, lambda: a.fill_(3.0))
     b = torch.zeros(2)
     with tape.replay():
-        _forward_collective(b, lambda: pytest.fail("collective issued during replay"))
+        forward_collective(b, lambda: pytest.fail("collective issued during replay"))
         assert torch.equal(b, torch.full((2,), 3.0))
         with pytest.raises(RuntimeError, match="more CGBN calls than the recorded pass"):
-            _forward_collective(b, lambda: None)
+            forward_collective(b, lambda: None)
 
 
 def _seq(groups):

@@ -12,8 +12,9 @@ A recomputed forward must not act twice (pytorch#62471, #96136; fairscale#694):
   variance and ``num_batches_tracked`` restored after the recomputation, so they are updated
   exactly once per iteration, by the first pass.
 * CGBN collectives: the first pass records each CGBN layer's reduced statistics on a
-  :class:`~megdet_d2.layers.cgbn.StatisticsTape` and the recomputation replays them: no second
-  collective per layer (nothing that could mismatch across processes) and the same statistics.
+  :class:`~megdet_d2.modeling.statistics_tape.StatisticsTape` and the recomputation replays
+  them: no second collective per layer (nothing that could mismatch across processes) and the
+  same statistics.
 
 Plain BatchNorm recomputes its batch statistics from the same input, which gives the same
 values; gradients equal the non-checkpointed model's (tests/test_sublinear.py).
@@ -30,7 +31,7 @@ from detectron2.modeling.backbone import FPN
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
-from ..layers.cgbn import StatisticsTape
+from .statistics_tape import StatisticsTape
 
 __all__ = ["apply_sublinear_memory", "checkpoint_module", "is_checkpointed", "uncheckpoint_module"]
 
