@@ -201,11 +201,17 @@ def main():
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--images", type=int, default=2, help="images per process")
     parser.add_argument("--size", type=int, default=512, help="image side in pixels")
+    parser.add_argument(
+        "--device", choices=("all", "cpu", "cuda"), default="all", help="which measurements"
+    )
     args = parser.parse_args()
-    # Large blocks straight from / back to the OS (no dynamic threshold), so RSS tracks live
-    # memory; read by the spawned processes at start-up.
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
-    launch(cpu_worker, 2, dist_url="auto", args=(args,))
+    if args.device in ("all", "cpu"):
+        # Large blocks straight from / back to the OS (no dynamic threshold), so RSS tracks
+        # live memory; read by the spawned processes at start-up.
+        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+        launch(cpu_worker, 2, dist_url="auto", args=(args,))
+    if args.device == "cpu":
+        return
     if torch.cuda.is_available():
         cuda_run(args)
     else:

@@ -58,15 +58,18 @@ THREE = {
 }
 
 
-def _run_all(rank, world_size, cases, paths):
+def run_all(rank, world_size, cases, paths):
+    """Every case on every path of ``paths(name)``, in this process (CUDA tensors for "cuda")."""
+    if "cuda" in paths(next(iter(cases))):
+        torch.cuda.set_device(0)  # all processes share one GPU, over gloo
     create_cgbn_groups(-1)
     ranks = list(range(world_size))
     out = {}
     for name, opts in cases.items():
         for path in paths(name):
-            out[name, path] = run_case(
-                rank, ranks, seed=zlib.crc32(name.encode()) % 1000, path=path, **opts
-            )
+            seed = zlib.crc32(name.encode()) % 1000
+            device = "cuda" if path == "cuda" else "cpu"
+            out[name, path] = run_case(rank, ranks, seed=seed, path=path, device=device, **opts)
     return out
 
 
@@ -80,15 +83,17 @@ def _paths_three(name):
 
 @pytest.fixture(scope="module")
 def two():
-    return run_distributed(_run_all, world_size=2, args=(CASES, _paths_two), timeout=240)
+    return run_distributed(run_all, world_size=2, args=(CASES, _paths_two), timeout=240)
 
 
 @pytest.fixture(scope="module")
 def three():
-    return run_distributed(_run_all, world_size=3, args=(THREE, _paths_three), timeout=240)
+    return run_distributed(run_all, world_size=3, args=(THREE, _paths_three), timeout=240)
 
 
-def _check(name, opts, res, cpu, rank):
+def check(name, opts, res, cpu, rank, syncs=True):
+    """Assert one case's result; ``cpu``: the same case on CGBN's CPU half; ``syncs``: also
+    the host syncs per call (not where gloo moves CUDA tensors through the host)."""
     ns = opts["ns"]
     dtype, module_dtype = opts.get("dtype", torch.float64), opts.get("module_dtype")
     tol = TOLERANCE.get(name, tolerance(dtype, module_dtype))
@@ -106,7 +111,7 @@ def _check(name, opts, res, cpu, rank):
         assert res["channels_last"], name
     steps = opts.get("steps", 1)
     assert res["collectives"] == [(1, 1)] * steps, (name, rank, res["collectives"])
-    if res["syncs"][0] is not None:  # emulated: the counter
+    if syncs:
         values = ns[rank] * opts.get("hw", (5, 4))[0] * opts.get("hw", (5, 4))[1]
         expected_fwd = 1 if values <= 1 else 0
         assert res["syncs"] == [(expected_fwd, 0)] * steps, (name, rank, res["syncs"])
@@ -129,14 +134,14 @@ def test_emulated_cuda_half_two_processes(two, name):
     for rank, results in enumerate(two):
         for path in _paths_two(name):
             if path != "cpu":
-                _check(name, CASES[name], results[name, path], results[name, "cpu"], rank)
+                check(name, CASES[name], results[name, path], results[name, "cpu"], rank)
 
 
 @pytest.mark.parametrize("name", sorted(THREE))
 def test_emulated_cuda_half_three_processes(three, name):
     for rank, results in enumerate(three):
         for path in ("emulated", "emulated_nccl"):
-            _check(name, THREE[name], results[name, path], results[name, "cpu"], rank)
+            check(name, THREE[name], results[name, path], results[name, "cpu"], rank)
 
 
 def test_cpu_half_also_matches(two):

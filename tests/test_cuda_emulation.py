@@ -181,3 +181,17 @@ def test_gather_merges_like_one_batch():
     assert torch.allclose(m, mean, atol=1e-12) and torch.allclose(s, (var + 1e-5).rsqrt())
     n = counts.sum()
     assert torch.allclose(rv, 0.5 + 0.5 * var * n / (n - 1)) and torch.allclose(rm, 0.5 * mean)
+
+
+def test_backward_reduce_nchw_rounds_half_terms_and_checks_weight_dtype():
+    x, dy = _x(dtype=F16), _x(dtype=F16, seed=1)
+    mean, invstd = K.batch_norm_stats(x, 1e-5)
+    _, sum_dy_xmu, _, _ = K.batch_norm_backward_reduce(
+        dy, x, mean, invstd, None, True, False, False
+    )
+    terms = (dy.float() * (x.float() - mean.view(1, -1, 1, 1))).half().float()
+    assert torch.equal(sum_dy_xmu, terms.sum((0, 2, 3)))
+    x64 = _x(dtype=F64)
+    m64, s64 = K.batch_norm_stats(x64, 1e-5)
+    with pytest.raises(RuntimeError, match="grad_weight"):
+        K.batch_norm_backward_reduce(x64, x64, m64, s64, torch.ones(3), True, True, True)

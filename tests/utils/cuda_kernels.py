@@ -13,9 +13,13 @@ same results on CPU tensors and enforce the rules of torch's CUDA sources
 * the dtype and memory format of every result;
 * what a missing weight gives: ``None`` from the NCHW backward-reduce kernel, **0-element
   tensors** from the channels-last one;
-* arithmetic in the accumulate type (fp32 for fp16 / bf16 / fp32, fp64 for fp64), and the
-  gather kernel's count arithmetic in the dispatch dtype (fp16 counts round above 2048 and
-  overflow above 65504, as on a GPU).
+* arithmetic in the accumulate type (fp32 for fp16 / bf16 / fp32, fp64 for fp64), except
+  where CUDA rounds: the NCHW backward-reduce kernel rounds each ``dy * (x - mean)`` term to
+  the input's dtype before summing, and the gather kernel does its count arithmetic in the
+  dispatch dtype (fp16 counts round above 2048 and overflow above 65504).
+
+Checked against the real kernels on an H200 (torch 2.11) by ``tests/test_cgbn_gpu.py``; the two
+rules that check corrected are marked "measured" below.
 
 ``tests/test_cuda_emulation.py`` checks the stand-ins against torch's own ``nn.SyncBatchNorm``
 autograd Function (run on them, it must equal ``nn.BatchNorm2d`` on the concatenated batch and
@@ -206,9 +210,17 @@ def batch_norm_backward_reduce(grad_output, input, mean, invstd, weight, input_g
         _expect(invstd, stat_acc, "invstd")
         if (weight_g or bias_g) and weight is None:
             raise RuntimeError("batch_norm_backward_reduce: weight_g / bias_g need a weight")
+        if weight_g or bias_g:  # grad_weight / grad_bias: weight's dtype, accessed as ``stat``
+            # (measured: fp64 input with an fp32 weight fails here)
+            _expect(weight, stat, "grad_weight")
     dy = grad_output.to(stat_acc)
     sum_dy = _reduce(dy)
-    sum_dy_xmu = _reduce(dy * (input.to(stat_acc) - _vec(mean)))
+    prod = dy * (input.to(stat_acc) - _vec(mean))
+    if not channels_last:
+        # The NCHW kernel's Float2 takes each term as the input's dtype before summing it in
+        # the accumulate type: fp16 / bf16 terms are rounded (measured).
+        prod = prod.to(input.dtype).to(stat_acc)
+    sum_dy_xmu = _reduce(prod)
     if channels_last:
         if weight is None:
             empty = torch.empty(0, dtype=mean.dtype)
