@@ -105,6 +105,10 @@ def add_megdet_config(cfg):
     _C.DATASETS.QUICKSTART.ROOT = ""
     _C.DATASETS.QUICKSTART.NUM_TRAIN = 512
     _C.DATASETS.QUICKSTART.NUM_VAL = 64
-    # Square canvas side in pixels.
+    # Canvas side in pixels (the longer side when the canvas is not square).
     _C.DATASETS.QUICKSTART.IMAGE_SIZE = 128
+    # Width / height of each image, drawn per image from this list: [1.0] = square canvases
+    # (the default data); e.g. [0.75, 1.5] gives portrait and landscape images, as COCO has,
+    # so that DATALOADER.ASPECT_RATIO_GROUPING has two groups to keep apart.
+    _C.DATASETS.QUICKSTART.ASPECT_RATIOS = [1.0]
     _C.DATASETS.QUICKSTART.SEED = 0

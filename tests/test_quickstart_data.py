@@ -91,3 +91,20 @@ def test_registered_through_detectron2(tmp_path):
     assert len(dicts) == 3 and os.path.isfile(dicts[0]["file_name"])
     assert MetadataCatalog.get(VAL_NAME).thing_classes == list(CLASSES)
     assert len(DatasetCatalog.get(TRAIN_NAME)) == 5
+
+
+def test_aspect_ratios_give_portrait_and_landscape_images(data):
+    root, square = data
+    paths = prepare_quickstart_data(root, 12, 6, 64, seed=3, aspect_ratios=(0.75, 1.5))
+    assert paths[TRAIN_NAME][0] != square[TRAIN_NAME][0]  # another folder: settings never mix
+    json_file, image_root = paths[TRAIN_NAME]
+    coco = COCO(json_file)
+    sizes = set()
+    for img in coco.loadImgs(coco.getImgIds()):
+        with Image.open(os.path.join(image_root, img["file_name"])) as im:
+            assert im.size == (img["width"], img["height"])
+        sizes.add(im.size)
+        for ann in coco.loadAnns(coco.getAnnIds(imgIds=img["id"])):
+            x, y, w, h = ann["bbox"]
+            assert 0 <= x and x + w <= img["width"] and 0 <= y and y + h <= img["height"]
+    assert sizes == {(48, 64), (64, 43)}  # width / height 0.75 and 1.5, longer side 64

@@ -1,3 +1,4 @@
+from .build import build_resumable_train_loader
 from .quickstart import (
     CLASSES,
     TRAIN_NAME,
@@ -6,15 +7,20 @@ from .quickstart import (
     prepare_quickstart_data,
     register_quickstart_datasets,
 )
-from .samplers import ResumableSampler, find_resumable_sampler
+from .samplers import ResumableBatchSampler, Sample, aspect_ratio_groups, sample_seed
+from .seeded_map import SeededMapDataset
 
 __all__ = [
     "CLASSES",
-    "ResumableSampler",
+    "ResumableBatchSampler",
+    "Sample",
+    "SeededMapDataset",
     "TRAIN_NAME",
     "VAL_NAME",
-    "find_resumable_sampler",
+    "aspect_ratio_groups",
+    "build_resumable_train_loader",
     "generate_split",
     "prepare_quickstart_data",
     "register_quickstart_datasets",
+    "sample_seed",
 ]

@@ -59,19 +59,37 @@ def _iou(a, b):
     return inter / area
 
 
-def generate_split(image_dir, num_images, image_size, seed, max_objects=4):
-    """Draw ``num_images`` PNGs into ``image_dir``; return the COCO instances dict for them."""
+def canvas_size(image_size, aspect_ratio):
+    """(width, height) of a canvas whose longer side is ``image_size`` and width / height is
+    ``aspect_ratio`` (1: square, > 1: landscape, < 1: portrait)."""
+    if aspect_ratio <= 0:
+        raise ValueError(f"aspect ratio {aspect_ratio} must be > 0")
+    short = max(1, round(image_size * min(aspect_ratio, 1 / aspect_ratio)))
+    return (image_size, short) if aspect_ratio > 1 else (short, image_size)
+
+
+def generate_split(image_dir, num_images, image_size, seed, max_objects=4, aspect_ratios=(1.0,)):
+    """Draw ``num_images`` PNGs into ``image_dir``; return the COCO instances dict for them.
+
+    Each image's width / height is drawn from ``aspect_ratios`` (by its own generator, so the
+    default square images are the same bytes as before the option existed).
+    """
     rng = np.random.default_rng(seed)
+    ratio_rng = np.random.default_rng([seed, 1])
     images, annotations = [], []
     for image_id in range(1, num_images + 1):
+        ratio = aspect_ratios[int(ratio_rng.integers(len(aspect_ratios)))]
+        width, height = canvas_size(image_size, ratio)
+        small = min(width, height)
         background = tuple(int(v) for v in rng.integers(0, 90, size=3))
-        canvas = Image.new("RGB", (image_size, image_size), background)
+        canvas = Image.new("RGB", (width, height), background)
         draw = ImageDraw.Draw(canvas)
         boxes = []
         for _ in range(int(rng.integers(1, max_objects + 1))):
             for _attempt in range(10):  # place without heavy overlap, so every box is visible
-                side = int(rng.integers(image_size // 8, image_size * 3 // 8 + 1))
-                x0, y0 = (int(v) for v in rng.integers(0, image_size - side + 1, size=2))
+                side = int(rng.integers(small // 8, small * 3 // 8 + 1))
+                highs = [width - side + 1, height - side + 1]
+                x0, y0 = (int(v) for v in rng.integers(0, highs))
                 box = (x0, y0, x0 + side, y0 + side)
                 if all(_iou(box, b) < 0.1 for b in boxes):
                     break
@@ -94,9 +112,7 @@ def generate_split(image_dir, num_images, image_size, seed, max_objects=4):
             )
         file_name = f"{image_id:06d}.png"
         canvas.save(os.path.join(image_dir, file_name))
-        images.append(
-            {"id": image_id, "file_name": file_name, "width": image_size, "height": image_size}
-        )
+        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
     categories = [{"id": i + 1, "name": name} for i, name in enumerate(CLASSES)]
     return {"images": images, "annotations": annotations, "categories": categories}
 
@@ -106,7 +122,7 @@ def default_root():
     return os.path.join(os.getenv("DETECTRON2_DATASETS", "datasets"), "megdet_shapes")
 
 
-def prepare_quickstart_data(root, num_train, num_val, image_size, seed):
+def prepare_quickstart_data(root, num_train, num_val, image_size, seed, aspect_ratios=(1.0,)):
     """Generate both splits under ``root`` once; return ``{dataset name: (json, image dir)}``.
 
     The folder name encodes every parameter, so different settings never mix. Generation goes to
@@ -114,7 +130,13 @@ def prepare_quickstart_data(root, num_train, num_val, image_size, seed):
     multi-process job runs ``setup``) all end up reading one complete copy.
     """
     root = root or default_root()
-    folder = os.path.join(root, f"seed{seed}_{image_size}px_{num_train}train_{num_val}val")
+    aspect_ratios = tuple(float(r) for r in aspect_ratios)
+    for ratio in aspect_ratios:
+        canvas_size(image_size, ratio)  # a bad ratio fails here, before any file is written
+    name = f"seed{seed}_{image_size}px_{num_train}train_{num_val}val"
+    if aspect_ratios != (1.0,):  # square data keeps the folder name it always had
+        name += "_ar" + "-".join(f"{r:g}" for r in aspect_ratios)
+    folder = os.path.join(root, name)
     splits = {TRAIN_NAME: ("train", num_train, seed), VAL_NAME: ("val", num_val, seed + 1)}
     paths = {
         name: (os.path.join(folder, f"{split}.json"), os.path.join(folder, split))
@@ -126,7 +148,10 @@ def prepare_quickstart_data(root, num_train, num_val, image_size, seed):
         try:
             for split, num, split_seed in splits.values():
                 os.makedirs(os.path.join(tmp, split))
-                coco = generate_split(os.path.join(tmp, split), num, image_size, split_seed)
+                coco = generate_split(
+                    os.path.join(tmp, split), num, image_size, split_seed,
+                    aspect_ratios=aspect_ratios,
+                )  # fmt: skip
                 with open(os.path.join(tmp, f"{split}.json"), "w") as f:
                     json.dump(coco, f)
             os.rename(tmp, folder)
@@ -145,7 +170,9 @@ def register_quickstart_datasets(cfg):
     if not used & {TRAIN_NAME, VAL_NAME}:
         return
     q = cfg.DATASETS.QUICKSTART
-    paths = prepare_quickstart_data(q.ROOT, q.NUM_TRAIN, q.NUM_VAL, q.IMAGE_SIZE, q.SEED)
+    paths = prepare_quickstart_data(
+        q.ROOT, q.NUM_TRAIN, q.NUM_VAL, q.IMAGE_SIZE, q.SEED, aspect_ratios=q.ASPECT_RATIOS
+    )
     for name, (json_file, image_root) in paths.items():
         if name in DatasetCatalog.list():
             if MetadataCatalog.get(name).json_file == json_file:

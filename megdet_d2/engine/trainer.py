@@ -7,10 +7,12 @@ and defers to detectron2 otherwise. ``MegDetTrainer`` uses it, and writes metric
 ``cfg.LOG_PERIOD`` iterations, with the Table 1 sample statistics (``MEGDET.SAMPLE_STATS``).
 
 For long runs it also: saves checkpoints atomically and refuses ones whose shapes do not fit
-(``MegDetCheckpointer``); on ``--resume`` continues the data stream where it stopped
-(``ResumableSampler``) and, with ``SEED >= 0``, seeds every iteration from (SEED, rank,
-iteration) so the resumed losses equal the uninterrupted run's; and names the LR when a loss
-becomes non-finite.
+(``MegDetCheckpointer``); on ``--resume`` continues the data stream exactly where it stopped
+(``build_resumable_train_loader``: the batches and augmentations of iteration ``i`` depend on
+(SEED, rank, i) only, whatever the aspect-ratio grouping held back and for any
+``NUM_WORKERS``) and, with ``SEED >= 0``, seeds every iteration's other draws (RPN / ROI
+sampling) from (SEED, rank, iteration), so the resumed run's losses and weights equal the
+uninterrupted run's bit for bit on CPU; and names the LR when a loss becomes non-finite.
 """
 
 import contextlib
@@ -18,7 +20,6 @@ import functools
 import logging
 import os
 
-import numpy as np
 from detectron2.data import build_detection_train_loader
 from detectron2.engine import DefaultTrainer
 from detectron2.engine import defaults as d2_defaults
@@ -28,7 +29,8 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 from detectron2.utils.file_io import PathManager
 
-from ..data.samplers import ResumableSampler, find_resumable_sampler
+from ..data import ResumableBatchSampler, build_resumable_train_loader
+from ..utils.seeds import derived_seed
 from .checkpoint import MegDetCheckpointer
 from .hooks import SampleStatsHook
 
@@ -58,10 +60,7 @@ def _patched_defaults(**names):
             setattr(d2_defaults, name, value)
 
 
-def derived_seed(seed, rank, iteration=None):
-    """A well-mixed 31-bit seed for (``cfg.SEED``, rank, iteration); ``None``: the loader's."""
-    key = [seed, rank, 0] if iteration is None else [seed, rank, 1, iteration]
-    return int(np.random.SeedSequence(key).generate_state(1)[0] >> 1)
+_ITERATION_KEY = 1  # derived_seed(SEED, rank, 1, iteration): an iteration's draws
 
 
 class MegDetTrainer(DefaultTrainer):
@@ -79,33 +78,43 @@ class MegDetTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        """Detectron2's train loader, with its sampler wrapped so ``--resume`` can skip the
-        images already read, and (``SEED >= 0``) a seeded ``DataLoader`` generator."""
+        """Detectron2's train loader (its dataset dicts, mapper, sampler and grouping), made
+        resumable: see :func:`~megdet_d2.data.build_resumable_train_loader`."""
         kwargs = build_detection_train_loader.from_config(cfg)
-        if kwargs["sampler"] is not None:
-            kwargs["sampler"] = ResumableSampler(kwargs["sampler"])
-        if cfg.SEED >= 0:  # else the loader draws its worker seed from the global RNG
-            kwargs["seed"] = derived_seed(cfg.SEED, comm.get_rank())
-        return build_detection_train_loader(**kwargs)
+        if not isinstance(kwargs["dataset"], list):  # a torch dataset: detectron2's loader
+            logging.getLogger(__name__).warning(
+                "The training set is not a list of dataset dicts: detectron2's train loader is "
+                "used, and --resume does not continue its data stream exactly"
+            )
+            return build_detection_train_loader(**kwargs)
+        # The per-image seeds must agree across processes and launches: SEED, or (SEED < 0,
+        # no exact resume) one random seed shared by this launch's processes.
+        seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
+        return build_resumable_train_loader(**kwargs, seed=seed)
 
     def resume_or_load(self, resume=True):
-        """Also continue the data stream where the checkpointed run was (not at its start)."""
+        """Also continue the data stream at the checkpointed run's next iteration."""
         super().resume_or_load(resume=resume)
-        sampler = find_resumable_sampler(self._trainer.data_loader)
-        if self.start_iter > 0 and sampler is not None:
-            per_process = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
-            sampler.skip(self.start_iter * per_process)
+        sampler = getattr(self._trainer.data_loader, "batch_sampler", None)
+        if self.start_iter > 0 and isinstance(sampler, ResumableBatchSampler):
+            sampler.start_at(self.start_iter)
             logging.getLogger(__name__).info(
-                f"Resuming at iteration {self.start_iter}: skipping the "
-                f"{self.start_iter * per_process} images this process has already read"
+                f"Resuming the data stream at iteration {self.start_iter} (the batches and "
+                "augmentations the uninterrupted run would have had from there)"
             )
+            if self.cfg.SEED < 0:
+                logging.getLogger(__name__).warning(
+                    f"SEED={self.cfg.SEED}: this launch shuffles the images and draws "
+                    "augmentations with new random seeds, so the resumed run does not continue "
+                    "the interrupted one exactly; set SEED >= 0 (the same in every launch)"
+                )
 
     def run_step(self):
-        # With a fixed SEED, every random draw of an iteration (augmentation, RPN / ROI
+        # With a fixed SEED, every random draw of an iteration outside data loading (RPN / ROI
         # sampling) depends on (SEED, rank, iteration) only, so a resumed run continues exactly
-        # as the uninterrupted one would (with DATALOADER.NUM_WORKERS 0).
+        # as the uninterrupted one would (the loader seeds each image's augmentations itself).
         if self.cfg.SEED >= 0:
-            seed_all_rng(derived_seed(self.cfg.SEED, comm.get_rank(), self.iter))
+            seed_all_rng(derived_seed(self.cfg.SEED, comm.get_rank(), _ITERATION_KEY, self.iter))
         try:
             super().run_step()
         except FloatingPointError as e:  # detectron2's message lacks the LR
