@@ -14,6 +14,7 @@ from torch import nn
 
 import megdet_d2.layers  # noqa: F401  (registration: installs the norm registry)
 from megdet_d2.layers import CGBN, NORM_REGISTRY, get_norm, install_norm_registry, known_norm_names
+from megdet_d2.layers.norm_registry import UnknownNormError
 
 # Every detectron2 module that binds `get_norm` at import time.
 _D2_GET_NORM_USERS = [
@@ -79,8 +80,9 @@ def test_stock_values_pass_through():
 
 
 def test_unknown_name_lists_known_names():
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(KeyError) as info:  # detectron2's exception type
         get_norm("XYZ", 8)
+    assert isinstance(info.value, UnknownNormError)
     message = str(info.value)
     assert "\n" not in message and "'XYZ'" in message
     for name in ("BN", "CGBN", "FrozenBN", "GN", "LN", "SyncBN", "_TestGN4"):
@@ -165,3 +167,97 @@ def test_modules_imported_before_and_after_install():
         print(type(after.get_norm("CGBN", 4)).__name__)
         """)
     assert out.split() == ["CGBN"]
+
+
+# A plugin that wraps get_norm the usual way: save the current function, install a wrapper that
+# handles its own name and falls back to the saved one.
+_PLUGIN = """
+from detectron2.layers import batch_norm
+from torch import nn
+saved = batch_norm.get_norm
+def plugin_get_norm(norm, out_channels):
+    if norm == "PluginGN":
+        return nn.GroupNorm(2, out_channels)
+    return saved(norm, out_channels)
+batch_norm.get_norm = plugin_get_norm
+"""
+_BUILD = """
+import detectron2.modeling.backbone.fpn as fpn_module
+from detectron2.layers import batch_norm
+print(*[type(f(n, 8)).__name__ for f in (batch_norm.get_norm, fpn_module.get_norm)
+        for n in ("CGBN", "BN")])
+print(type(batch_norm.get_norm("PluginGN", 8)).__name__)
+try:
+    batch_norm.get_norm("XYZ", 8)
+except KeyError as e:
+    print(type(e).__name__)
+"""
+
+
+@pytest.mark.parametrize("order", ["plugin_after_megdet", "plugin_before_megdet"])
+def test_another_plugin_wrapping_get_norm(order):
+    """No RecursionError when a plugin wraps ours; no KeyError for "CGBN" in modules that held
+    detectron2's original when the plugin was installed first."""
+    import_megdet = "import megdet_d2\n"
+    first, second = (
+        (import_megdet, _PLUGIN)
+        if order == "plugin_after_megdet"
+        else ("import detectron2.modeling.backbone.fpn\n" + _PLUGIN, import_megdet)
+    )
+    out = _run_python(first + second + _BUILD)
+    assert out.split() == ["CGBN", "BatchNorm2d", "CGBN", "BatchNorm2d", "GroupNorm",
+                           "UnknownNormError"], out  # fmt: skip
+
+
+def _retinanet_cfg(norm):
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.MODEL.META_ARCHITECTURE = "RetinaNet"
+    cfg.MODEL.BACKBONE.NAME = "build_retinanet_resnet_fpn_backbone"
+    cfg.MODEL.RESNETS.DEPTH = 18
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res3", "res4", "res5"]
+    cfg.MODEL.FPN.IN_FEATURES = ["res3", "res4", "res5"]
+    cfg.MODEL.FPN.OUT_CHANNELS = 32
+    cfg.MODEL.RETINANET.NORM = norm
+    cfg.MODEL.RETINANET.NUM_CONVS = 2
+    cfg.MODEL.DEVICE = "cpu"
+    return cfg
+
+
+def test_retinanet_head_gets_per_level_cgbn_like_syncbn():
+    from detectron2.layers import CycleBatchNormList
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(0)
+    sync = build_model(_retinanet_cfg("SyncBN")).head
+    cgbn = build_model(_retinanet_cfg("CGBN")).head
+    levels = 5  # P3..P7
+    for head, cls in ((sync, nn.SyncBatchNorm), (cgbn, CGBN)):
+        norms = [m for m in head.cls_subnet if isinstance(m, CycleBatchNormList)]
+        assert len(norms) == 2 and all(len(n) == levels for n in norms)
+        assert all(type(bn) is cls for n in norms for bn in n)
+    # same parameters and buffers, same names: checkpoints move between the two
+    assert list(sync.state_dict()) == list(cgbn.state_dict())
+    cgbn.load_state_dict(sync.state_dict())
+    g = torch.Generator().manual_seed(1)
+    features = [torch.randn(2, 32, s, s, generator=g) for s in (16, 8, 4, 2, 1)]
+    for _ in range(2):  # train mode: per-level running statistics (one process: CGBN = BN)
+        sync(features), cgbn(features)
+    sync.eval(), cgbn.eval()
+    with torch.no_grad():
+        for a, b in zip(*(sum(head(features), []) for head in (sync, cgbn))):
+            assert torch.allclose(a, b, atol=1e-6)
+    shared = build_model(_retinanet_cfg("FrozenBN")).head  # other names: unchanged
+    assert not any(isinstance(m, CycleBatchNormList) for m in shared.modules())
+
+
+def test_retinanet_head_explicit_arguments():
+    from detectron2.layers import CycleBatchNormList, ShapeSpec
+    from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
+
+    head = RetinaNetHead(input_shape=[ShapeSpec(channels=8)] * 3, num_classes=2, num_anchors=1,
+                         conv_dims=[8], norm="CGBN")  # fmt: skip
+    norm = head.bbox_subnet[1]
+    assert isinstance(norm, CycleBatchNormList) and len(norm) == 3 and type(norm[0]) is CGBN

@@ -6,11 +6,20 @@ makes that lookup consult :data:`NORM_REGISTRY` first, so a registered name (e.g
 works with the stock ``build_model`` wherever Detectron2 accepts a norm name.
 """
 
+import functools
+import logging
 import sys
 
 from fvcore.common.registry import Registry
+from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["NORM_REGISTRY", "get_norm", "install_norm_registry", "known_norm_names"]
+__all__ = [
+    "NORM_REGISTRY",
+    "UnknownNormError",
+    "get_norm",
+    "install_norm_registry",
+    "known_norm_names",
+]
 
 NORM_REGISTRY = Registry("NORM")
 NORM_REGISTRY.__doc__ = """
@@ -44,11 +53,24 @@ def known_norm_names():
     return sorted(set(_D2_NORM_NAMES) | {name for name, _ in NORM_REGISTRY})
 
 
-def _d2_get_norm():
-    """Detectron2's own ``get_norm``, whether or not ours is installed."""
-    from detectron2.layers import batch_norm
+class UnknownNormError(KeyError):
+    """An unknown norm name: a ``KeyError``, as detectron2 raises, with the known names."""
 
-    return getattr(batch_norm.get_norm, "_megdet_original", batch_norm.get_norm)
+    def __str__(self):
+        return self.args[0]
+
+
+def _is_d2_original(fn):
+    """Whether ``fn`` is detectron2's own ``get_norm`` (whoever has wrapped it since)."""
+    return (
+        getattr(fn, "__module__", None) == "detectron2.layers.batch_norm"
+        and getattr(fn, "__qualname__", None) == "get_norm"
+    )
+
+
+def _is_ours(fn):
+    """Ours, or a copy of ours from an earlier import of this module."""
+    return fn is get_norm or hasattr(fn, "_megdet_original")
 
 
 def get_norm(norm, out_channels):
@@ -62,41 +84,115 @@ def get_norm(norm, out_channels):
 
     Returns:
         nn.Module or None: the normalization layer.
+
+    Other names go to the ``get_norm`` that was current when :func:`install_norm_registry` ran
+    (detectron2's, or another plugin's wrapper of it); an unknown name raises
+    :class:`UnknownNormError`, a ``KeyError`` like detectron2's, listing the known names.
     """
     if isinstance(norm, str) and norm in NORM_REGISTRY:
         return NORM_REGISTRY.get(norm)(out_channels)
+    fallback = get_norm._megdet_original
+    if fallback is None:  # not installed: detectron2's own
+        from detectron2.layers import batch_norm
+
+        fallback = batch_norm.get_norm
     try:
-        return _d2_get_norm()(norm, out_channels)
+        return fallback(norm, out_channels)
     except KeyError as e:
         if not isinstance(norm, str) or e.args != (norm,):
             raise
         known = ", ".join(known_norm_names())
-        raise ValueError(f"Unknown norm {norm!r} in get_norm; known: {known}") from None
+        raise UnknownNormError(f"Unknown norm {norm!r} in get_norm; known: {known}") from None
 
 
-get_norm._megdet_original = None  # set by install_norm_registry
+# The get_norm that was current at install time (detectron2's, or a wrapper of it): where names
+# not in NORM_REGISTRY go. Captured once, never looked up at call time, so a plugin that wraps
+# ours later (and falls back to it) cannot send a lookup round in circles.
+get_norm._megdet_original = None
 
 
 def install_norm_registry():
     """Make Detectron2's norm-name lookup use :func:`get_norm`. Idempotent.
 
-    Replaces ``detectron2.layers.batch_norm.get_norm`` and every module global that still is
-    Detectron2's original function (``from detectron2.layers import get_norm`` binds it by value
-    in e.g. ``modeling/backbone/fpn.py``, ``modeling/roi_heads/box_head.py``,
-    ``projects/deeplab/resnet.py``). Modules imported later bind the replaced function, so they
-    need no extra step. Nothing else (configs, registries) is touched.
+    Replaces ``detectron2.layers.batch_norm.get_norm`` and every module global holding
+    detectron2's original function or the function current before this call (another plugin's
+    wrapper): ``from detectron2.layers import get_norm`` binds by value in e.g.
+    ``modeling/backbone/fpn.py``, ``modeling/roi_heads/box_head.py``,
+    ``projects/deeplab/resnet.py``. Modules imported later bind ours. Also gives RetinaNet's
+    head per-level layers for registered BatchNorm classes, as for "BN" / "SyncBN"
+    (:func:`_install_retinanet_per_level_norms`). Nothing else is touched.
     """
     from detectron2.layers import batch_norm
 
-    original = _d2_get_norm()
-    get_norm._megdet_original = original
+    current = batch_norm.get_norm
+    if not _is_ours(current):
+        get_norm._megdet_original = current
+    elif get_norm._megdet_original is None:  # a copy of ours from an earlier import
+        get_norm._megdet_original = current._megdet_original
+    replaced = {id(current)}
     for module in list(sys.modules.values()):
         namespace = getattr(module, "__dict__", None)
         if not isinstance(namespace, dict):
             continue
-        # Look in the module dict (no __getattr__ side effects); match by identity only. The
-        # second test also refreshes functions left by an earlier copy of this module.
-        current = namespace.get("get_norm")
-        if current is original or getattr(current, "_megdet_original", None) is original:
+        # Look in the module dict (no __getattr__ side effects); match by identity only.
+        bound = namespace.get("get_norm")
+        if bound is None or bound is get_norm:
+            continue
+        if id(bound) in replaced or _is_d2_original(bound) or _is_ours(bound):
             module.get_norm = get_norm
     assert batch_norm.get_norm is get_norm
+    _install_retinanet_per_level_norms()
+
+
+class _PerLevelNorm:
+    """``norm(channels)`` for RetinaNet's head: one ``cls`` per FPN level, cycled (detectron2's
+    ``CycleBatchNormList``), as the head builds for "BN" and "SyncBN"."""
+
+    def __init__(self, cls, levels):
+        self.cls, self.levels = cls, levels
+
+    def __call__(self, channels):
+        from detectron2.layers import CycleBatchNormList
+
+        return CycleBatchNormList(length=self.levels, bn_class=self.cls, num_features=channels)
+
+
+def _per_level(norm, levels):
+    """``norm`` itself, or a per-level norm for a registered BatchNorm class."""
+    if isinstance(norm, str) and norm in NORM_REGISTRY:
+        cls = NORM_REGISTRY.get(norm)
+        if isinstance(cls, type) and issubclass(cls, _BatchNorm):
+            logging.getLogger(__name__).info(
+                f"Using domain-specific {norm} in RetinaNetHead with len={levels}."
+            )
+            return _PerLevelNorm(cls, levels)
+    return norm
+
+
+def _install_retinanet_per_level_norms():
+    """Detectron2's ``RetinaNetHead`` builds per-level BN only for the strings "BN" / "SyncBN";
+    any other BN name would share one layer (and its running statistics) across FPN levels.
+    Wrap its ``from_config`` (YAML) and ``__init__`` (explicit arguments) so that a registered
+    BatchNorm class, e.g. "CGBN", gets per-level layers too. Idempotent."""
+    from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
+
+    if getattr(RetinaNetHead, "_megdet_per_level", False):
+        return
+    from_config = RetinaNetHead.from_config.__func__
+    init = RetinaNetHead.__init__
+
+    @functools.wraps(from_config)
+    def per_level_from_config(cls, cfg, input_shape):
+        kwargs = from_config(cls, cfg, input_shape)
+        kwargs["norm"] = _per_level(kwargs.get("norm", ""), len(input_shape))
+        return kwargs
+
+    @functools.wraps(init)
+    def per_level_init(self, *args, **kwargs):
+        if "norm" in kwargs and "input_shape" in kwargs:  # explicit arguments, not a cfg
+            kwargs["norm"] = _per_level(kwargs["norm"], len(kwargs["input_shape"]))
+        init(self, *args, **kwargs)
+
+    RetinaNetHead.from_config = classmethod(per_level_from_config)
+    RetinaNetHead.__init__ = per_level_init
+    RetinaNetHead._megdet_per_level = True
