@@ -2,8 +2,9 @@
 
 ``SOLVER.BASE_LR`` is the rate r at ``SOLVER.MEGDET.REFERENCE_BATCH_SIZE`` images per iteration;
 with k = ``IMS_PER_BATCH / REFERENCE_BATCH_SIZE`` training runs at k·r, reached by a constant
-increment per iteration over ``SOLVER.WARMUP_ITERS``. Both are expressed as a multiplier of every
-param group's initial LR (detectron2's ``LRMultiplier``), so per-group factors such as
+increment per iteration over ``SOLVER.WARMUP_ITERS``. Composed from detectron2's / fvcore's
+schedulers (``WarmupParamScheduler`` over a k-scaled ``MultiStepParamScheduler``) and applied as
+a multiplier of every param group's initial LR (``LRMultiplier``), so per-group factors such as
 ``SOLVER.BIAS_LR_FACTOR`` are preserved.
 """
 
@@ -12,14 +13,8 @@ from typing import List, Sequence
 
 import torch
 from detectron2.config import configurable
-from detectron2.solver.lr_scheduler import LRMultiplier
-from fvcore.common.param_scheduler import (
-    CompositeParamScheduler,
-    ConstantParamScheduler,
-    LinearParamScheduler,
-    MultiStepParamScheduler,
-    ParamScheduler,
-)
+from detectron2.solver.lr_scheduler import LRMultiplier, WarmupParamScheduler
+from fvcore.common.param_scheduler import MultiStepParamScheduler, ParamScheduler
 
 from .build import LR_SCHEDULER_REGISTRY, check_solver_config
 
@@ -33,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 
 class _ScaledParamScheduler(ParamScheduler):
-    """``scale * scheduler(where)``."""
+    """``scale * scheduler(where)``: the linear scaling rule applied to any schedule."""
 
     def __init__(self, scheduler: ParamScheduler, scale: float):
         self._scheduler = scheduler
@@ -43,13 +38,13 @@ class _ScaledParamScheduler(ParamScheduler):
         return self._scale * self._scheduler(where)
 
 
-class LinearScalingWarmupParamScheduler(CompositeParamScheduler):
+class LinearScalingWarmupParamScheduler(WarmupParamScheduler):
     """
-    LR multiplier ``scale * scheduler(where)`` (linear scaling rule, ``scale`` = k), preceded by
-    a warmup over the first ``warmup_length`` of training.
+    LR multiplier ``scale * scheduler(where)`` (linear scaling rule, ``scale`` = k) behind
+    detectron2's ``WarmupParamScheduler``:
 
-    * k > 1 (MegDet): the warmup starts at ``scheduler(0)`` (the reference rate r) and grows
-      linearly to the value after warmup (k·r); ``warmup_factor`` is not used.
+    * k > 1 (MegDet): warmup factor 1/k, i.e. from ``scheduler(0)`` (the reference rate r) up
+      to the value after warmup (k·r) by a constant increment; ``warmup_factor`` is not used.
     * k <= 1 (nothing to warm up from): detectron2's warmup, from ``warmup_factor * k``.
 
     Usable from a LazyConfig as ``lr_multiplier``, e.g.::
@@ -82,18 +77,11 @@ class LinearScalingWarmupParamScheduler(CompositeParamScheduler):
         if not 0.0 <= warmup_length <= 1.0:
             raise ValueError(f"warmup_length must be in [0, 1], got {warmup_length}")
         self.scale = scale
-        scaled = _ScaledParamScheduler(scheduler, scale)
-        start_value = scheduler(0.0) * (1.0 if scale > 1 else warmup_factor * scale)
-        if warmup_method == "linear":
-            warmup = LinearParamScheduler(start_value, scaled(warmup_length))
-        elif warmup_method == "constant":
-            warmup = ConstantParamScheduler(start_value)
-        else:
-            raise ValueError(f"Unknown warmup method: {warmup_method}")
         super().__init__(
-            [warmup, scaled],
-            interval_scaling=["rescaled", "fixed"],
-            lengths=[warmup_length, 1.0 - warmup_length],
+            _ScaledParamScheduler(scheduler, scale),
+            warmup_factor=1.0 / scale if scale > 1 else warmup_factor,
+            warmup_length=warmup_length,
+            warmup_method=warmup_method,
         )
 
 
