@@ -41,6 +41,9 @@ def add_megdet_config(cfg):
     # Schedule preset: "normal" (x0.1 at epochs 8 and 10, end at 11), "long" (x0.1 at 11 and 14,
     # x0.5 at 17, end at 18), or "" to use SOLVER.MAX_ITER / STEPS / GAMMA as written.
     _C.SOLVER.MEGDET.SCHEDULE = ""
+    # Under a preset: train this many epochs, the preset's decays at the same fractions of
+    # training (e.g. "normal" in 8 epochs decays at 8 * 8/11 and 8 * 10/11); 0 = as the preset.
+    _C.SOLVER.MEGDET.EPOCHS = 0
     # Training images per epoch for presets; 0 = count the registered training set (after
     # detectron2's filtering of empty images). apply_schedule_preset writes the count back here.
     _C.SOLVER.MEGDET.EPOCH_SIZE = 0

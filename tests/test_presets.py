@@ -51,6 +51,17 @@ def test_iterations_scale_with_batch_size():
     assert at16["steps"] == [58640, 73300]
 
 
+def test_epochs_stretch_or_shrink_a_preset():
+    """SOLVER.MEGDET.EPOCHS: the preset's decays at the same fractions of a shorter run."""
+    eight = derive_schedule("normal", epoch_size=256, ims_per_batch=4, epochs=8)  # 64 it/epoch
+    assert eight["max_iter"] == 8 * 64
+    assert eight["steps"] == [round(8 * 8 / 11 * 64), round(8 * 10 / 11 * 64)] == [372, 465]
+    assert eight["step_gammas"] == [0.1, 0.1]
+    assert derive_schedule("long", 117266, 256, epochs=18) == derive_schedule("long", 117266, 256)
+    with pytest.raises(ValueError, match="SOLVER.MEGDET.EPOCHS=1 leaves preset 'long' no room"):
+        derive_schedule("long", epoch_size=8, ims_per_batch=4, epochs=1)  # 2 iterations
+
+
 def test_apply_writes_derived_numbers_into_cfg():
     cfg = _cfg("long")
     derived = apply_schedule_preset(cfg)

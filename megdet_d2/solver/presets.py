@@ -114,19 +114,25 @@ def check_preset_config(cfg) -> None:
     _check_sizes(
         m.EPOCH_SIZE if m.EPOCH_SIZE != 0 else cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.IMS_PER_BATCH
     )
-    for key in ("EVAL_PERIOD_EPOCHS", "CHECKPOINT_PERIOD_EPOCHS"):
+    for key in ("EPOCHS", "EVAL_PERIOD_EPOCHS", "CHECKPOINT_PERIOD_EPOCHS"):
         if m[key] < 0:
             raise ValueError(
                 f"SOLVER.MEGDET.{key}={m[key]} is negative; use a number of epochs >= 1, "
-                "or 0 to keep the iteration period as written."
+                "or 0 for the default (the preset's length / the iteration period as written)."
             )
 
 
-def derive_schedule(name: str, epoch_size: int, ims_per_batch: int) -> Dict[str, Any]:
+def derive_schedule(
+    name: str, epoch_size: int, ims_per_batch: int, epochs: int = 0
+) -> Dict[str, Any]:
     """
     Iterations for preset ``name`` when an epoch of ``epoch_size`` images is read
     ``ims_per_batch`` images at a time (the last, partial batch of an epoch counts as one
     iteration: ``iters_per_epoch = ceil(epoch_size / ims_per_batch)``).
+
+    ``epochs`` > 0 (``SOLVER.MEGDET.EPOCHS``) stretches or shrinks the preset to end after that
+    many epochs, its decays at the same fractions of training (e.g. "normal" in 8 epochs:
+    decays at 8 * 8/11 and 8 * 10/11 epochs), rounded to iterations.
 
     Returns:
         dict with ``schedule, epoch_size, iters_per_epoch, max_iter, steps, step_gammas``
@@ -135,12 +141,20 @@ def derive_schedule(name: str, epoch_size: int, ims_per_batch: int) -> Dict[str,
     preset = get_preset(name)
     _check_sizes(epoch_size, ims_per_batch)
     iters_per_epoch = math.ceil(epoch_size / ims_per_batch)
+    scale = epochs / preset.end_epoch if epochs else 1
+    max_iter = round(preset.end_epoch * scale * iters_per_epoch)
+    steps = [round(e * scale * iters_per_epoch) for e in preset.decay_epochs]
+    if steps != sorted(set(steps)) or not 0 < steps[0] or steps[-1] >= max_iter:
+        raise ValueError(
+            f"SOLVER.MEGDET.EPOCHS={epochs} leaves preset {name!r} no room for its "
+            f"{len(steps)} LR decays at {iters_per_epoch} iterations per epoch; use more epochs"
+        )
     return {
         "schedule": name,
         "epoch_size": int(epoch_size),
         "iters_per_epoch": iters_per_epoch,
-        "max_iter": preset.end_epoch * iters_per_epoch,
-        "steps": [e * iters_per_epoch for e in preset.decay_epochs],
+        "max_iter": max_iter,
+        "steps": steps,
         "step_gammas": [float(g) for g in preset.decay_factors],
     }
 
@@ -189,7 +203,7 @@ def apply_schedule_preset(cfg) -> Dict[str, Any]:
         return {}
     check_preset_config(cfg)  # fail before counting a dataset
     epoch_size = m.EPOCH_SIZE if m.EPOCH_SIZE != 0 else count_training_images(cfg)
-    derived = derive_schedule(name, epoch_size, cfg.SOLVER.IMS_PER_BATCH)
+    derived = derive_schedule(name, epoch_size, cfg.SOLVER.IMS_PER_BATCH, m.EPOCHS)
     ipe = derived["iters_per_epoch"]
     derived["eval_period"] = m.EVAL_PERIOD_EPOCHS * ipe or cfg.TEST.EVAL_PERIOD
     derived["checkpoint_period"] = m.CHECKPOINT_PERIOD_EPOCHS * ipe or cfg.SOLVER.CHECKPOINT_PERIOD
