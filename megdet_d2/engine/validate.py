@@ -305,6 +305,9 @@ def _coco_summary(key, name):
         return None
     if not (_is_local(json_file) and _is_local(image_root) and os.path.isfile(json_file)):
         return None
+    if launched_by_torchrun() and os.environ["LOCAL_RANK"] != "0":
+        return None  # local rank 0 checks the machine's files; if they are bad, it exits and
+        # torchrun stops this process too (8 processes need not each parse a 450 MB json)
     stat = os.stat(json_file)
     cache_key = (json_file, stat.st_mtime_ns, stat.st_size, image_root)
     if cache_key not in _COCO_CHECKED:
