@@ -140,7 +140,7 @@ def test_checkpoint_of_another_model_is_an_error_unless_partial_loading_is_allow
     with pytest.raises(ConfigError) as exc:
         MegDetCheckpointer(model).load(path)
     message = str(exc.value)
-    assert message.startswith("the checkpoint provides 0 of the model's 4 tensors; it holds e.g.")
+    assert message.startswith("the checkpoint provides 0 of the model's 4 learned tensors; it ")
     assert "'conv1.weight'" in message and "'0.weight'" in message and "\n" not in message
     assert "MEGDET.ALLOW_PARTIAL_WEIGHTS True" in message
     MegDetCheckpointer(model, allow_partial=True).load(path)  # fine-tuning on purpose
@@ -153,6 +153,20 @@ def test_checkpoint_with_half_of_the_model_loads(tmp_path):
     dst = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
     MegDetCheckpointer(dst).load(path)
     torch.testing.assert_close(dst[0].weight, src[0].weight)
+
+
+def test_imagenet_style_checkpoint_without_bn_statistics_loads(tmp_path):
+    """MSRA's R-50.pkl holds conv weights and BN scale / bias, no running statistics: they do
+    not count, or its backbone would be under half of an R50-FPN Faster R-CNN's tensors."""
+    backbone = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4),
+                             nn.Conv2d(4, 4, 3, bias=False), nn.BatchNorm2d(4))  # fmt: skip
+    learned = {k: v for k, v in backbone.state_dict().items() if "running" not in k}
+    learned.pop("1.num_batches_tracked"), learned.pop("3.num_batches_tracked")
+    path = str(tmp_path / "imagenet.pth")
+    torch.save({"model": learned}, path)  # 6 tensors
+    detector = nn.Sequential(*backbone, nn.Flatten(), nn.Linear(4, 4), nn.Linear(4, 2))
+    MegDetCheckpointer(detector).load(path)  # 6 of 10 learned tensors (6 of 14 with statistics)
+    torch.testing.assert_close(detector[0].weight, backbone[0].weight)
 
 
 def test_resumable_sampler_continues_the_stream_of_a_real_train_loader():

@@ -8,10 +8,10 @@
   (detectron2 only logs a warning and trains those tensors from scratch), unless
   ``strict_shapes=False`` (``MEGDET.STRICT_SHAPES``), e.g. to fine-tune with another number of
   classes.
-* Loading a checkpoint that provides fewer than half of the model's tensors (e.g. a torchvision
-  ResNet, whose names match nothing in a detectron2 model) is an error, unless
-  ``allow_partial=True`` (``MEGDET.ALLOW_PARTIAL_WEIGHTS``): detectron2 would log the missing
-  keys and train from scratch with exit status 0.
+* Loading a checkpoint that provides fewer than half of the model's learned tensors (weights and
+  biases, BN statistics aside), e.g. a torchvision ResNet whose names match nothing in a
+  detectron2 model, is an error unless ``allow_partial=True`` (``MEGDET.ALLOW_PARTIAL_WEIGHTS``):
+  detectron2 would log the missing keys and train from scratch with exit status 0.
 * Temporary files left by a process killed during a save are removed when the next
   checkpointer that saves to the folder starts, and before each save.
 """
@@ -29,6 +29,7 @@ __all__ = ["MegDetCheckpointer", "atomic_write", "remove_stale_temporaries"]
 
 _SHOWN = 3  # mismatched tensors named in the error (then "and N more")
 _TEMPORARY = re.compile(r"^\..+\.(\d+)\.tmp$")  # atomic_write's ".<name>.<pid>.tmp"
+_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")  # BN buffers, not learned
 _STALE_AFTER_S = 24 * 3600  # older than this: stale even if its pid is in use again
 
 
@@ -158,9 +159,11 @@ class MegDetCheckpointer(DetectionCheckpointer):
         return incompatible
 
     def _check_enough_loaded(self, incompatible):
-        """At least half of the model's tensors (``num_batches_tracked`` aside) must be in the
-        checkpoint with the right shape."""
-        expected = [k for k in self.model.state_dict() if not k.endswith("num_batches_tracked")]
+        """At least half of the model's learned tensors must be in the checkpoint with the right
+        shape. BN statistics do not count: ImageNet checkpoints such as MSRA's R-50.pkl fold
+        them into the affine weights (their backbone is 75 % of an R50-FPN Faster R-CNN's
+        learned tensors, but under half of its tensors with the statistics)."""
+        expected = [k for k in self.model.state_dict() if not k.endswith(_STATISTICS)]
         missing = set(incompatible.missing_keys) | {k for k, _, _ in incompatible.incorrect_shapes}
         loaded = sum(k not in missing for k in expected)
         if 2 * loaded >= len(expected):
@@ -173,7 +176,8 @@ class MegDetCheckpointer(DetectionCheckpointer):
             else ""
         )
         raise ConfigError(
-            f"the checkpoint provides {loaded} of the model's {len(expected)} tensors{names}: "
+            f"the checkpoint provides {loaded} of the model's {len(expected)} learned tensors"
+            f"{names}: "
             "it is not a checkpoint of this model (a torchvision or other codebase's file "
             "needs converting to detectron2 names); give a matching one, or set "
             "MEGDET.ALLOW_PARTIAL_WEIGHTS True to fine-tune from the tensors that match"
