@@ -108,6 +108,9 @@ def test_valid_config_passes(data_root):
         (["DATALOADER.NUM_WORKERS", "-1"], 2, "DATALOADER.NUM_WORKERS=-1 must be non-negative"),
         (["INPUT.MIN_SIZE_TRAIN", "(0,)"], 2, "INPUT.MIN_SIZE_TRAIN=(0,) must hold positive"),
         (["MODEL.DEVICE", "cpux"], 2, "MODEL.DEVICE='cpux' is not a device; use 'cpu' or 'cuda'"),
+        (["DATASETS.QUICKSTART.ROOT", "/sys/megdet_data"], 2, "DATASETS.QUICKSTART.ROOT="
+         "'/sys/megdet_data': the quickstart data cannot be written there ("),
+        (["DATASETS.QUICKSTART.NUM_TRAIN", "0"], 2, "DATASETS.QUICKSTART.NUM_TRAIN=0 must be at"),
         (["SOLVER.MEGDET.SCHEDULE", "normal", "SOLVER.MAX_ITER", "10"], 2,
          "SOLVER.MAX_ITER=10 is set on the command line, but SOLVER.MEGDET.SCHEDULE='normal' "
          "derives SOLVER.MAX_ITER=22 "),
