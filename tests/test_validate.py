@@ -111,6 +111,9 @@ def test_valid_config_passes(data_root):
         (["DATASETS.QUICKSTART.ROOT", "/sys/megdet_data"], 2, "DATASETS.QUICKSTART.ROOT="
          "'/sys/megdet_data': the quickstart data cannot be written there ("),
         (["DATASETS.QUICKSTART.NUM_TRAIN", "0"], 2, "DATASETS.QUICKSTART.NUM_TRAIN=0 must be at"),
+        (["MODEL.ROI_HEADS.NAME", "StandardROIHead"], 2, "MODEL.ROI_HEADS.NAME='StandardROIHead' "
+         "is not registered (did you mean ['StandardROIHeads'"),
+        (["DATALOADER.SAMPLER_TRAIN", "Random"], 2, "DATALOADER.SAMPLER_TRAIN='Random' is not"),
         (["SOLVER.MEGDET.SCHEDULE", "normal", "SOLVER.MAX_ITER", "10"], 2,
          "SOLVER.MAX_ITER=10 is set on the command line, but SOLVER.MEGDET.SCHEDULE='normal' "
          "derives SOLVER.MAX_ITER=22 "),

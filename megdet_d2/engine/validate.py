@@ -44,6 +44,7 @@ __all__ = [
     "check_datasets",
     "check_device",
     "check_launch_args",
+    "check_names",
     "check_norms",
     "check_num_classes",
     "check_output_dir",
@@ -81,6 +82,7 @@ def check_config(cfg, num_machines, procs_per_machine, training=True, resume=Fal
     check_values(cfg, training)
     check_device(cfg, procs_per_machine)
     check_group_size(cfg.MODEL.CGBN.GROUP_SIZE, world_size, procs_per_machine)
+    check_names(cfg, training)
     check_norms(cfg)
     check_output_dir(cfg)
     check_datasets(cfg, training)
@@ -225,6 +227,50 @@ def check_output_dir(cfg):
             f"OUTPUT_DIR={out!r} is not writable ({existing!r}: {e.strerror}); choose a folder "
             "you can write to, or fix its permissions"
         ) from None
+
+
+def _registries(cfg):
+    """``(key, registry)`` of the component names this model is built from."""
+    from detectron2 import modeling as m
+
+    pairs = [("MODEL.META_ARCHITECTURE", m.META_ARCH_REGISTRY),
+             ("MODEL.BACKBONE.NAME", m.BACKBONE_REGISTRY),
+             ("MODEL.ANCHOR_GENERATOR.NAME", m.ANCHOR_GENERATOR_REGISTRY)]  # fmt: skip
+    if cfg.MODEL.META_ARCHITECTURE in ("GeneralizedRCNN", "PanopticFPN", "ProposalNetwork"):
+        pairs += [("MODEL.PROPOSAL_GENERATOR.NAME", m.PROPOSAL_GENERATOR_REGISTRY),
+                  ("MODEL.RPN.HEAD_NAME", m.RPN_HEAD_REGISTRY)]  # fmt: skip
+    if cfg.MODEL.META_ARCHITECTURE in ("GeneralizedRCNN", "PanopticFPN"):
+        pairs += [("MODEL.ROI_HEADS.NAME", m.ROI_HEADS_REGISTRY),
+                  ("MODEL.ROI_BOX_HEAD.NAME", m.ROI_BOX_HEAD_REGISTRY)]  # fmt: skip
+        if cfg.MODEL.MASK_ON:
+            pairs.append(("MODEL.ROI_MASK_HEAD.NAME", m.ROI_MASK_HEAD_REGISTRY))
+        if cfg.MODEL.KEYPOINT_ON:
+            pairs.append(("MODEL.ROI_KEYPOINT_HEAD.NAME", m.ROI_KEYPOINT_HEAD_REGISTRY))
+    return pairs
+
+
+_SAMPLERS = ("TrainingSampler", "RepeatFactorTrainingSampler", "RandomSubsetTrainingSampler")
+
+
+def check_names(cfg, training=True):
+    """Every component name (meta-architecture, backbone, heads, ...) is registered, and the
+    training sampler is one detectron2 builds (else a KeyError / ValueError in every worker)."""
+    for key, registry in _registries(cfg):
+        name = _get(cfg, key)
+        if name not in registry:
+            known = sorted(n for n, _ in registry)
+            close = difflib.get_close_matches(name, known, n=3)
+            hint = f" (did you mean {close}?)" if close else ""
+            raise ConfigError(
+                f"{key}={name!r} is not registered{hint}; use one of {known}, or register "
+                "yours (and import its module) before train_net.py builds the model"
+            )
+    sampler = cfg.DATALOADER.SAMPLER_TRAIN
+    if training and sampler not in _SAMPLERS:
+        raise ConfigError(
+            f"DATALOADER.SAMPLER_TRAIN={sampler!r} is not a sampler detectron2 builds; use one "
+            f"of {list(_SAMPLERS)}"
+        )
 
 
 def _norm_keys(node, prefix=""):
