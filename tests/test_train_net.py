@@ -79,6 +79,8 @@ def test_training_writes_checkpoints_and_finite_ap_ar(trained):
     final = [m for m in read_metrics(out / "metrics.json") if "bbox/AP" in m][-1]
     assert math.isfinite(final["bbox/AP"]) and math.isfinite(final["bbox/AR"])
     assert "BN size = 2 processes x 2 images per process = 4" in log
+    # the preset's numbers reach the console, once a logger exists
+    assert "Schedule preset 'normal': 8 images per epoch / SOLVER.IMS_PER_BATCH 4 = 2 " in log
 
 
 def test_lr_follows_linear_scaling_warmup_and_the_preset(trained):

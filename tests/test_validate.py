@@ -22,6 +22,7 @@ from detectron2.data.datasets import register_coco_instances
 from detectron2.engine import default_argument_parser
 
 import train_net
+from megdet_d2 import ConfigError
 from megdet_d2.engine import exit_on_config_error
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -539,3 +540,27 @@ def test_torchrun_prints_a_config_error_once(tmp_path):
     assert len(printed) == 1 and printed[0].startswith(line), proc.stderr[-3000:]
     assert f"traceback : {line}" in proc.stderr  # torchrun's summary: the root cause
     assert "exitcode  : 2" in proc.stderr
+
+
+def _read_broken(dataset_dict):
+    raise OSError(f"cannot identify image file {dataset_dict['file_name']!r}")
+
+
+def test_error_raised_in_a_dataloader_worker_keeps_its_one_line(tmp_path):
+    """With DATALOADER.NUM_WORKERS > 0 torch re-raises the error with the worker's traceback as
+    its message; the line printed is still the original one."""
+    from megdet_d2.engine import NamedImageErrors
+    from megdet_d2.engine.validate import config_error_line
+
+    dataset = [{"file_name": str(tmp_path / "a.png"), "image_id": 7}]
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, num_workers=1, collate_fn=NamedImageErrors(_read_broken)
+    )
+    with pytest.raises(ConfigError) as exc:
+        next(iter(loader))
+    assert "Original Traceback" in str(exc.value)  # torch's wrapping
+    assert config_error_line(exc.value) == (
+        f"image '{tmp_path}/a.png' (image_id 7) cannot be used: OSError: cannot identify image "
+        f"file '{tmp_path}/a.png'; replace the file, or fix or remove its entry in the dataset's "
+        "json"
+    )
