@@ -19,22 +19,29 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import megdet_d2
-from megdet_d2 import add_megdet_config, apply_schedule_preset
+from megdet_d2 import ConfigError, add_megdet_config, apply_schedule_preset
 from megdet_d2.data import register_quickstart_datasets
 from megdet_d2.engine import (
     MegDetCheckpointer,
     MegDetTrainer,
     check_config,
     check_datasets,
+    check_launch_args,
+    check_output_dir,
+    check_values,
     check_written_for,
+    exit_after_worker_config_error,
     exit_on_config_error,
     launch,
+    merge_config,
     process_layout,
+    set_after,
     set_cpu_threads,
     setup_cgbn_groups,
 )
 from megdet_d2.evaluation import MegDetCOCOEvaluator
 from megdet_d2.modeling import apply_sublinear_memory
+from megdet_d2.solver import schedule_summary
 
 
 class Trainer(MegDetTrainer):
@@ -61,20 +68,22 @@ class Trainer(MegDetTrainer):
 
 
 def load_config(args):
-    """Defaults + MegDet keys + YAML + command line; preset iterations derived; checked."""
+    """Defaults + MegDet keys + YAML + command line; preset iterations derived; checked.
+    Every fault is a one-line ``ConfigError`` (see ``megdet_d2/engine/validate.py``)."""
+    training = not args.eval_only
+    check_launch_args(args.num_gpus, args.num_machines, args.machine_rank, args.dist_url)
     cfg = get_cfg()
     add_megdet_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    sources = merge_config(cfg, args.config_file, args.opts)  # where each key was set
+    check_values(cfg, training)  # the cheap checks before any data is read
+    check_output_dir(cfg)
     register_quickstart_datasets(cfg)
-    check_datasets(cfg, training=not args.eval_only)  # before a preset counts the images
-    if not args.eval_only:
-        apply_schedule_preset(cfg)
+    check_datasets(cfg, training)  # before a preset counts the images
+    if training:  # a value set after choosing the preset is never replaced silently
+        apply_schedule_preset(cfg, explicit=set_after(sources, "SOLVER.MEGDET.SCHEDULE"))
     # the launch's layout: --num-machines x --num-gpus, or torchrun's environment
     num_machines, procs_per_machine = process_layout(args.num_gpus, args.num_machines)
-    check_config(
-        cfg, num_machines, procs_per_machine, training=not args.eval_only, resume=args.resume
-    )
+    check_config(cfg, num_machines, procs_per_machine, training=training, resume=args.resume)
     cfg.freeze()
     return cfg
 
@@ -89,17 +98,28 @@ def setup(args, cfg=None):
         register_quickstart_datasets(cfg)  # the dataset catalog is per process
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="megdet_d2")
+    if not args.eval_only and schedule_summary(cfg):
+        logging.getLogger("megdet_d2").info(schedule_summary(cfg))
     return cfg
 
 
 def main(args, cfg=None):
+    # A fault only this process can see (an image it cannot read): its one line, status 2.
+    with exit_on_config_error(ConfigError, every_process=False):
+        return _main(args, cfg)
+
+
+def _main(args, cfg):
     cfg = setup(args, cfg)
     set_cpu_threads(cfg)
     setup_cgbn_groups(cfg)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         MegDetCheckpointer(
-            model, save_dir=cfg.OUTPUT_DIR, strict_shapes=cfg.MEGDET.STRICT_SHAPES
+            model,
+            save_dir=cfg.OUTPUT_DIR,
+            strict_shapes=cfg.MEGDET.STRICT_SHAPES,
+            allow_partial=cfg.MEGDET.ALLOW_PARTIAL_WEIGHTS,
         ).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         return Trainer.test(cfg, model)
     check_written_for(cfg)  # logs images per process and BN size; warns on another layout
@@ -113,12 +133,13 @@ if __name__ == "__main__":
     print("Command Line Args:", args)
     with exit_on_config_error():
         cfg = load_config(args)  # fail fast, with one line, before any process is spawned
-    launch(  # detectron2's launch, or no spawning under torchrun
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args, cfg),
-        timeout=timedelta(seconds=cfg.MEGDET.DIST_TIMEOUT_S),  # a dead peer fails the job
-    )
+    with exit_after_worker_config_error():  # a worker's config error: its line, status 2
+        launch(  # detectron2's launch, or no spawning under torchrun
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args, cfg),
+            timeout=timedelta(seconds=cfg.MEGDET.DIST_TIMEOUT_S),  # a dead peer fails the job
+        )

@@ -5,6 +5,7 @@ Detectron2 (imports marked "registration"); it never changes detectron2's defaul
 """
 
 from .config import add_megdet_config
+from .errors import ConfigError
 
 # registration: norm name "CGBN" in NORM_REGISTRY, consulted by detectron2's get_norm
 from .layers import (
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CGBN",
+    "ConfigError",
     "NORM_REGISTRY",
     "convert_to_cgbn",
     "create_cgbn_groups",

@@ -97,6 +97,11 @@ def add_megdet_config(cfg):
     # is an error naming the keys (detectron2 only warns and leaves those tensors untrained).
     # False: skip them with detectron2's warning, e.g. to fine-tune with another NUM_CLASSES.
     _C.MEGDET.STRICT_SHAPES = True
+    # Loading a checkpoint that provides under half of the model's tensors (names that match
+    # nothing, e.g. a torchvision ResNet, or another architecture) is an error: detectron2 would
+    # log the missing keys and train from scratch. True: load what matches and train the rest
+    # from scratch, for fine-tuning from a partial checkpoint on purpose.
+    _C.MEGDET.ALLOW_PARTIAL_WEIGHTS = False
 
     # ---------------------------------------------------------------------------------------
     # Built-in quickstart data: coloured shapes on small canvases, generated deterministically

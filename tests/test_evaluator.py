@@ -1,6 +1,7 @@
 """MegDetCOCOEvaluator: detectron2's COCO AP plus mmAR, written to the output folder."""
 
 import json
+import logging
 import math
 from collections import Counter
 
@@ -78,3 +79,38 @@ def test_faster_coco_eval_backend_matches_pycocotools(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert a[key] == pytest.approx(b[key], abs=1e-9, nan_ok=True), key
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def _reject_nan(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def test_no_detections_write_null_and_say_so(tmp_path):
+    """A model that detects nothing: strict JSON (null, not NaN) and a line saying why."""
+    dicts = _val_dicts(tmp_path)
+    out = tmp_path / "inference"
+    evaluator = MegDetCOCOEvaluator(VAL_NAME, output_dir=str(out), distributed=False)
+    records, level = _Records(), evaluator._logger.level
+    evaluator._logger.addHandler(records)
+    evaluator._logger.setLevel(logging.INFO)
+    try:
+        results = _run(evaluator, dicts, keep=0)["bbox"]
+    finally:
+        evaluator._logger.removeHandler(records)
+        evaluator._logger.setLevel(level)
+    assert math.isnan(results["AP"]) and math.isnan(results["AR"])
+    with open(out / "coco_metrics.json") as f:
+        bbox = json.load(f, parse_constant=_reject_nan)["bbox"]
+    assert bbox["AP"] is None and bbox["AR"] is None and bbox["AR@10"] is None
+    assert f"bbox: no detections on {VAL_NAME}, so mmAP and mmAR are undefined" in "".join(
+        records.lines
+    )

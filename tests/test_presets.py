@@ -1,11 +1,13 @@
 """Schedule presets: epochs → iterations, written into the cfg, idempotent, counted data sets."""
 
+import functools
 import re
 
 import pytest
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 
+from megdet_d2 import ConfigError
 from megdet_d2.config import add_megdet_config
 from megdet_d2.solver import (
     SCHEDULE_PRESETS,
@@ -13,6 +15,7 @@ from megdet_d2.solver import (
     apply_schedule_preset,
     check_solver_config,
     derive_schedule,
+    schedule_summary,
 )
 
 
@@ -198,3 +201,38 @@ def test_preset_definition_is_checked():
         SchedulePreset(decay_epochs=(8, 10), decay_factors=(0.1,), end_epoch=11)
     with pytest.raises(ValueError, match="strictly increasing"):
         SchedulePreset(decay_epochs=(10, 8), decay_factors=(0.1, 0.1), end_epoch=11)
+
+
+@pytest.mark.parametrize(
+    "key, value, hint",
+    [
+        ("SOLVER.MAX_ITER", 10, "or set SOLVER.MEGDET.SCHEDULE '' to use SOLVER.MAX_ITER / STEPS"),
+        ("SOLVER.STEPS", (100,), "or set SOLVER.MEGDET.SCHEDULE '' to use SOLVER.MAX_ITER / STE"),
+        ("TEST.EVAL_PERIOD", 50, "or set SOLVER.MEGDET.EVAL_PERIOD_EPOCHS 0 to keep TEST.EVAL_PER"),
+    ],
+)
+def test_preset_never_replaces_an_explicit_value(key, value, hint):
+    cfg = _cfg()
+    *parents, leaf = key.split(".")
+    setattr(functools.reduce(getattr, parents, cfg), leaf, value)
+    with pytest.raises(ConfigError) as exc:
+        apply_schedule_preset(cfg, explicit={key: "on the command line"})
+    message = str(exc.value)
+    assert message.startswith(f"{key}={value!r} is set on the command line, but SOLVER.MEGDET."
+                              "SCHEDULE='normal' derives")  # fmt: skip
+    assert hint in message, message
+    assert cfg.SOLVER.MAX_ITER != 5049  # nothing written
+
+
+def test_explicit_value_equal_to_the_derived_one_or_not_derived_is_fine():
+    cfg = _cfg()
+    cfg.SOLVER.MAX_ITER = 5049  # what "normal" derives here, e.g. a reloaded config.yaml
+    cfg.SOLVER.MEGDET.EVAL_PERIOD_EPOCHS, cfg.TEST.EVAL_PERIOD = 0, 50  # kept as written
+    explicit = {"SOLVER.MAX_ITER": "in 'x.yaml'", "TEST.EVAL_PERIOD": "on the command line"}
+    apply_schedule_preset(cfg, explicit=explicit)
+    assert cfg.SOLVER.MAX_ITER == 5049 and cfg.TEST.EVAL_PERIOD == 50
+    assert schedule_summary(cfg) == (
+        "Schedule preset 'normal': 117266 images per epoch / SOLVER.IMS_PER_BATCH 256 = 459 "
+        "iterations per epoch -> SOLVER.MAX_ITER 5049, SOLVER.STEPS (3672, 4590) (factors "
+        "[0.1, 0.1]), TEST.EVAL_PERIOD 50, SOLVER.CHECKPOINT_PERIOD 459"
+    )

@@ -14,6 +14,7 @@ Reads each output directory's ``metrics.json`` and ``config.yaml``:
 """
 
 import argparse
+import math
 import os
 
 import matplotlib
@@ -51,7 +52,9 @@ def extract_series(run_dir, fallback_ipe=None, label=None):
     return {
         "label": label or os.path.basename(os.path.normpath(run_dir)),
         "iterations": [r["iteration"] for r in evals],
-        "ap": [r["bbox/AP"] for r in evals],
+        "ap": [
+            math.nan if r["bbox/AP"] is None else r["bbox/AP"] for r in evals
+        ],  # null: no detections
         "hours": [elapsed[r["iteration"]] / 3600 for r in evals],
         "epochs": [(r["iteration"] + 1) / ipe for r in evals],
         "decay_epochs": [s / ipe for s in steps],

@@ -17,6 +17,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from PIL import Image, ImageDraw
 
+from ..errors import ConfigError
+
 __all__ = [
     "CLASSES",
     "TRAIN_NAME",
@@ -170,9 +172,21 @@ def register_quickstart_datasets(cfg):
     if not used & {TRAIN_NAME, VAL_NAME}:
         return
     q = cfg.DATASETS.QUICKSTART
-    paths = prepare_quickstart_data(
-        q.ROOT, q.NUM_TRAIN, q.NUM_VAL, q.IMAGE_SIZE, q.SEED, aspect_ratios=q.ASPECT_RATIOS
-    )
+    for key, minimum in (("NUM_TRAIN", 1), ("NUM_VAL", 1), ("IMAGE_SIZE", 32)):
+        if q[key] < minimum:
+            raise ConfigError(
+                f"DATASETS.QUICKSTART.{key}={q[key]} must be at least {minimum}; set e.g. "
+                f"{minimum if key != 'IMAGE_SIZE' else 128}"
+            )
+    try:
+        paths = prepare_quickstart_data(
+            q.ROOT, q.NUM_TRAIN, q.NUM_VAL, q.IMAGE_SIZE, q.SEED, aspect_ratios=q.ASPECT_RATIOS
+        )
+    except OSError as e:
+        raise ConfigError(
+            f"DATASETS.QUICKSTART.ROOT={q.ROOT!r}: the quickstart data cannot be written there "
+            f"({e.strerror}: {e.filename}); choose a folder you can write to"
+        ) from None
     for name, (json_file, image_root) in paths.items():
         if name in DatasetCatalog.list():
             if MetadataCatalog.get(name).json_file == json_file:

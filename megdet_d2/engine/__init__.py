@@ -1,24 +1,42 @@
-from .checkpoint import MegDetCheckpointer
+from .checkpoint import MegDetCheckpointer, remove_stale_temporaries
+from .config_file import merge_config, set_after
 from .hooks import SAMPLE_STATS_KEYS, SampleStatsHook
 from .launch import launch, launched_by_torchrun, process_layout
 from .setup import bn_size, check_written_for, set_cpu_threads, setup_cgbn_groups
-from .trainer import MegDetTrainer, create_ddp_model
-from .validate import check_config, check_datasets, exit_on_config_error
+from .trainer import MegDetJSONWriter, MegDetTrainer, NamedImageErrors, create_ddp_model
+from .validate import (
+    check_config,
+    check_datasets,
+    check_launch_args,
+    check_output_dir,
+    check_values,
+    exit_after_worker_config_error,
+    exit_on_config_error,
+)
 
 __all__ = [
     "MegDetCheckpointer",
+    "MegDetJSONWriter",
     "MegDetTrainer",
+    "NamedImageErrors",
     "SAMPLE_STATS_KEYS",
     "SampleStatsHook",
     "bn_size",
     "check_config",
     "check_datasets",
+    "check_launch_args",
+    "check_output_dir",
+    "check_values",
     "check_written_for",
     "create_ddp_model",
+    "exit_after_worker_config_error",
     "exit_on_config_error",
     "launch",
     "launched_by_torchrun",
+    "merge_config",
     "process_layout",
+    "remove_stale_temporaries",
+    "set_after",
     "set_cpu_threads",
     "setup_cgbn_groups",
 ]

@@ -16,6 +16,8 @@ from detectron2.engine import launch as d2_launch
 from detectron2.engine.launch import DEFAULT_TIMEOUT
 from detectron2.utils import comm
 
+from ..errors import ConfigError
+
 __all__ = ["DEFAULT_TIMEOUT", "launch", "launched_by_torchrun", "process_layout"]
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
@@ -32,7 +34,7 @@ def process_layout(num_gpus_per_machine, num_machines=1):
         return num_machines, num_gpus_per_machine
     world, local = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_WORLD_SIZE"])
     if local < 1 or world % local != 0:
-        raise ValueError(
+        raise ConfigError(
             f"LOCAL_WORLD_SIZE={local} must divide WORLD_SIZE={world}: start the same number "
             "of processes on every machine (torchrun --nproc-per-node)"
         )

@@ -10,6 +10,7 @@ import os
 import torch
 from detectron2.utils import comm
 
+from ..errors import ConfigError
 from ..layers.groups import create_cgbn_groups, group_ranks_count
 
 __all__ = [
@@ -64,7 +65,7 @@ def check_written_for(cfg, world_size=None, procs_per_machine=None):
     procs_per_machine = procs_per_machine or comm.get_local_size()
     batch = cfg.SOLVER.IMS_PER_BATCH
     if batch % world_size != 0:
-        raise ValueError(
+        raise ConfigError(
             f"SOLVER.IMS_PER_BATCH={batch} must be divisible by {world_size} processes"
         )
     actual = {"NUM_GPUS": world_size, "BN_SIZE": bn_size(cfg, world_size, procs_per_machine)}

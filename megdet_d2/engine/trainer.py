@@ -7,34 +7,133 @@ and defers to detectron2 otherwise. ``MegDetTrainer`` uses it, and writes metric
 ``cfg.LOG_PERIOD`` iterations, with the Table 1 sample statistics (``MEGDET.SAMPLE_STATS``).
 
 For long runs it also: saves checkpoints atomically and refuses ones whose shapes do not fit
-(``MegDetCheckpointer``); on ``--resume`` continues the data stream exactly where it stopped
-(``build_resumable_train_loader``: the batches and augmentations of iteration ``i`` depend on
-(SEED, rank, i) only, whatever the aspect-ratio grouping held back and for any
-``NUM_WORKERS``) and, with ``SEED >= 0``, seeds every iteration's other draws (RPN / ROI
-sampling) from (SEED, rank, iteration), so the resumed run's losses and weights equal the
-uninterrupted run's bit for bit on CPU; and names the LR when a loss becomes non-finite.
+(``MegDetCheckpointer``) or that load under half of the model; on ``--resume`` continues the
+data stream exactly where it stopped (``build_resumable_train_loader``: the batches and
+augmentations of iteration ``i`` depend on (SEED, rank, i) only, whatever the aspect-ratio
+grouping held back and for any ``NUM_WORKERS``) and, with ``SEED >= 0``, seeds every
+iteration's other draws (RPN / ROI sampling) from (SEED, rank, iteration), so the resumed run's
+losses and weights equal the uninterrupted run's bit for bit on CPU; rewrites ``metrics.json``
+so that each iteration appears once; writes strict JSON (``null`` for a non-finite metric);
+names the LR when a loss becomes non-finite; and names the image file when the data loader
+cannot read one (a ``ConfigError``, one line, no traceback).
 """
 
 import contextlib
 import functools
+import json
 import logging
+import math
 import os
+from collections import defaultdict
 
-from detectron2.data import build_detection_train_loader
+from detectron2.data import (
+    DatasetMapper,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
+from detectron2.data.detection_utils import SizeMismatchError
 from detectron2.engine import DefaultTrainer
 from detectron2.engine import defaults as d2_defaults
 from detectron2.engine import hooks
+from detectron2.engine import train_loop as d2_train_loop
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
-from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
+from detectron2.utils.events import (
+    CommonMetricPrinter,
+    JSONWriter,
+    TensorboardXWriter,
+    get_event_storage,
+)
 from detectron2.utils.file_io import PathManager
 
 from ..data import ResumableBatchSampler, build_resumable_train_loader
+from ..errors import ConfigError
 from ..utils.seeds import derived_seed
-from .checkpoint import MegDetCheckpointer
+from .checkpoint import MegDetCheckpointer, atomic_write
 from .hooks import SampleStatsHook
 
-__all__ = ["MegDetTrainer", "create_ddp_model"]
+__all__ = ["MegDetJSONWriter", "MegDetTrainer", "create_ddp_model", "NamedImageErrors"]
+
+
+class _NoConfigErrorTraceback(logging.Filter):
+    """Drop detectron2's "Exception during training:" traceback for a ``ConfigError``: it ends
+    the process with its own one line (``exit_on_config_error``)."""
+
+    def filter(self, record):
+        return not (record.exc_info and isinstance(record.exc_info[1], ConfigError))
+
+
+logging.getLogger(d2_train_loop.__name__).addFilter(_NoConfigErrorTraceback())
+
+
+class NamedImageErrors:
+    """A dataset mapper whose failures to read an image (missing, undecodable, or not the size
+    the json says) are a one-line ``ConfigError`` naming the file. The start-up check reads
+    only a sample of image headers; the other images are checked here, when first read."""
+
+    def __init__(self, mapper):
+        self.mapper = mapper
+
+    def __call__(self, dataset_dict):
+        try:
+            return self.mapper(dataset_dict)
+        except (OSError, SizeMismatchError, SyntaxError) as e:  # PIL: OSError / SyntaxError
+            text = str(e).strip().splitlines()
+            raise ConfigError(
+                f"image {dataset_dict.get('file_name')!r} (image_id "
+                f"{dataset_dict.get('image_id')}) cannot be used: {type(e).__name__}: "
+                f"{text[0] if text else ''}; replace the file, or fix or remove its entry in "
+                "the dataset's json"
+            ) from None
+
+
+class MegDetJSONWriter(JSONWriter):
+    """Detectron2's ``JSONWriter`` that writes strict JSON (a non-finite value, e.g. the AP of
+    a model without detections, is ``null``, not ``NaN``) and can drop the records of the
+    iterations a resumed run is about to log again."""
+
+    def __init__(self, json_file, window_size=20):
+        super().__init__(json_file, window_size=window_size)
+        self._path = json_file
+
+    def write(self):
+        storage = get_event_storage()
+        to_save = defaultdict(dict)
+        for k, (v, itr) in storage.latest_with_smoothing_hint(self._window_size).items():
+            if itr > self._last_write:  # not written yet
+                to_save[itr][k] = v if math.isfinite(v) else None
+        if to_save:
+            self._last_write = max(to_save)
+        for itr, scalars in sorted(to_save.items()):
+            scalars["iteration"] = itr
+            self._file_handle.write(json.dumps(scalars, sort_keys=True, allow_nan=False) + "\n")
+        self._file_handle.flush()
+        with contextlib.suppress(AttributeError, OSError):
+            os.fsync(self._file_handle.fileno())
+
+    def drop_from(self, iteration):
+        """Remove the records of ``iteration`` and later (and lines cut short by a kill),
+        rewriting the file atomically; returns how many were removed."""
+        if "://" in self._path:
+            return 0
+        self._file_handle.flush()
+        kept, dropped = [], 0
+        with open(self._path) as f:
+            for line in f:
+                try:
+                    keep = json.loads(line).get("iteration", -1) < iteration
+                except (ValueError, AttributeError):  # a partial line: the kill cut it
+                    keep = False
+                if keep:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+                else:
+                    dropped += bool(line.strip())
+        if dropped:
+            self._file_handle.close()
+            atomic_write(self._path, lambda f: f.write("".join(kept).encode()))
+            self._file_handle = PathManager.open(self._path, "a")
+        return dropped
+
 
 _d2_create_ddp_model = d2_defaults.create_ddp_model
 
@@ -69,8 +168,10 @@ class MegDetTrainer(DefaultTrainer):
 
     def __init__(self, cfg):
         checkpointer = functools.partial(
-            MegDetCheckpointer, strict_shapes=cfg.MEGDET.STRICT_SHAPES
-        )  # atomic saves; shape mismatches are errors
+            MegDetCheckpointer,
+            strict_shapes=cfg.MEGDET.STRICT_SHAPES,
+            allow_partial=cfg.MEGDET.ALLOW_PARTIAL_WEIGHTS,
+        )  # atomic saves; shape mismatches and checkpoints of other models are errors
         with _patched_defaults(
             create_ddp_model=create_ddp_model, DetectionCheckpointer=checkpointer
         ):
@@ -81,6 +182,7 @@ class MegDetTrainer(DefaultTrainer):
         """Detectron2's train loader (its dataset dicts, mapper, sampler and grouping), made
         resumable: see :func:`~megdet_d2.data.build_resumable_train_loader`."""
         kwargs = build_detection_train_loader.from_config(cfg)
+        kwargs["mapper"] = NamedImageErrors(kwargs["mapper"])
         if not isinstance(kwargs["dataset"], list):  # a torch dataset: detectron2's loader
             logging.getLogger(__name__).warning(
                 "The training set is not a list of dataset dicts: detectron2's train loader is "
@@ -92,9 +194,17 @@ class MegDetTrainer(DefaultTrainer):
         seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
         return build_resumable_train_loader(**kwargs, seed=seed)
 
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        """Detectron2's test loader; an unreadable image is a one-line error naming it."""
+        mapper = NamedImageErrors(DatasetMapper(cfg, False))
+        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+
     def resume_or_load(self, resume=True):
-        """Also continue the data stream at the checkpointed run's next iteration."""
+        """Also continue the data stream at the checkpointed run's next iteration, and drop
+        from ``metrics.json`` the iterations this run will log (again)."""
         super().resume_or_load(resume=resume)
+        self._drop_metrics_from(self.start_iter)
         sampler = getattr(self._trainer.data_loader, "batch_sampler", None)
         if self.start_iter > 0 and isinstance(sampler, ResumableBatchSampler):
             sampler.start_at(self.start_iter)
@@ -108,6 +218,19 @@ class MegDetTrainer(DefaultTrainer):
                     "augmentations with new random seeds, so the resumed run does not continue "
                     "the interrupted one exactly; set SEED >= 0 (the same in every launch)"
                 )
+
+    def _drop_metrics_from(self, iteration):
+        """A run starting at ``iteration`` logs it and every later one: remove what an earlier
+        (killed, or other) run in this OUTPUT_DIR logged for them, so each appears once."""
+        for hook in self._hooks:
+            for writer in getattr(hook, "_writers", ()):
+                if isinstance(writer, MegDetJSONWriter):
+                    dropped = writer.drop_from(iteration)
+                    if dropped:
+                        logging.getLogger(__name__).info(
+                            f"metrics.json: removed {dropped} records of iterations >= "
+                            f"{iteration} written by an earlier run (this run logs them)"
+                        )
 
     def run_step(self):
         # With a fixed SEED, every random draw of an iteration outside data loading (RPN / ROI
@@ -132,7 +255,7 @@ class MegDetTrainer(DefaultTrainer):
         PathManager.mkdirs(self.cfg.OUTPUT_DIR)
         return [
             CommonMetricPrinter(self.max_iter),
-            JSONWriter(
+            MegDetJSONWriter(
                 os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"), window_size=self.cfg.LOG_PERIOD
             ),
             TensorboardXWriter(self.cfg.OUTPUT_DIR),

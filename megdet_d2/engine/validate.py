@@ -4,35 +4,53 @@ Nothing here needs a process group or builds a real model (the checkpoint is com
 ``meta``-device model), so ``train_net.py`` runs it once in the launching process (or, under
 torchrun, in every worker before the process group is made): a wrong value costs seconds, not
 the hours after which a spawned job would discover it.
-Each check raises a one-line ``ValueError`` "KEY=value <what is wrong>; <fix>";
-:func:`exit_on_config_error` turns it into ``Config error: ...`` on stderr and exit status 2.
+Each check raises a one-line ``ConfigError`` "KEY=value <what is wrong>; <fix>" (or naming the
+file); :func:`exit_on_config_error` turns it into ``Config error: ...`` on stderr and exit
+status 2, printed once per machine under torchrun (where every process runs the checks).
+Faults only a worker can see (an image the data loader cannot decode, a checkpoint from a URL
+that loads too little) end that worker the same way, and :func:`exit_after_worker_config_error`
+ends the launcher with status 2 and no traceback of its own.
 """
 
 import contextlib
 import difflib
 import functools
+import json
 import logging
 import os
-import pickle
 import sys
+import tempfile
+import time
 import warnings
 
 import torch
+from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
+from torch import nn
+from torch.multiprocessing import ProcessExitedException
 
+from ..config import add_megdet_config
+from ..data.coco_check import check_coco_dataset
+from ..errors import CONFIG_ERROR_EXIT_CODE, ConfigError
 from ..layers import known_norm_names
 from ..layers.groups import check_group_size
 from ..solver import check_solver_config
 from .checkpoint import MegDetCheckpointer
+from .launch import launched_by_torchrun
 
 __all__ = [
     "check_config",
     "check_datasets",
     "check_device",
+    "check_launch_args",
+    "check_names",
     "check_norms",
     "check_num_classes",
+    "check_output_dir",
+    "check_values",
     "check_weights",
+    "exit_after_worker_config_error",
     "exit_on_config_error",
 ]
 
@@ -51,7 +69,7 @@ _DATA_PATH_KEYS = (
 
 
 def check_config(cfg, num_machines, procs_per_machine, training=True, resume=False):
-    """Raise a one-line ``ValueError`` naming the key if ``cfg`` cannot run on this layout.
+    """Raise a one-line ``ConfigError`` naming the key if ``cfg`` cannot run on this layout.
 
     Args:
         num_machines, procs_per_machine: the launch (``--num-machines``, ``--num-gpus``, or
@@ -61,15 +79,18 @@ def check_config(cfg, num_machines, procs_per_machine, training=True, resume=Fal
             is checked instead of ``MODEL.WEIGHTS`` (which is then unused).
     """
     world_size = num_machines * procs_per_machine
+    check_values(cfg, training)
     check_device(cfg, procs_per_machine)
     check_group_size(cfg.MODEL.CGBN.GROUP_SIZE, world_size, procs_per_machine)
+    check_names(cfg, training)
     check_norms(cfg)
+    check_output_dir(cfg)
     check_datasets(cfg, training)
     check_num_classes(cfg, training)
     if training:
         ims = cfg.SOLVER.IMS_PER_BATCH
         if ims < world_size or ims % world_size != 0:
-            raise ValueError(
+            raise ConfigError(
                 f"SOLVER.IMS_PER_BATCH={ims} must be a positive multiple of the number of "
                 f"processes ({world_size}); set it to e.g. {world_size * max(1, ims // world_size)}"
             )
@@ -77,21 +98,178 @@ def check_config(cfg, num_machines, procs_per_machine, training=True, resume=Fal
     check_weights(cfg, resume)  # last: it reads the checkpoint
 
 
+def check_launch_args(num_gpus, num_machines=1, machine_rank=0, dist_url="auto"):
+    """``--num-gpus``, ``--num-machines``, ``--machine-rank`` and ``--dist-url`` describe a
+    launch (under torchrun the environment does, and ``--num-gpus`` is ignored)."""
+    if launched_by_torchrun():
+        return
+    if num_gpus < 1:
+        raise ConfigError(
+            f"--num-gpus={num_gpus} must be at least 1: the processes per machine (GPUs, or CPU "
+            "processes with MODEL.DEVICE cpu); e.g. --num-gpus 1"
+        )
+    if num_machines < 1:
+        raise ConfigError(f"--num-machines={num_machines} must be at least 1; e.g. 1")
+    if not 0 <= machine_rank < num_machines:
+        raise ConfigError(
+            f"--machine-rank={machine_rank} must be in [0, {num_machines - 1}] for "
+            f"--num-machines {num_machines} (0 on the machine that hosts --dist-url)"
+        )
+    if num_machines > 1 and dist_url == "auto":
+        raise ConfigError(
+            f"--dist-url=auto works on one machine only; with --num-machines {num_machines} "
+            "give tcp://HOST0:PORT (machine 0's address), the same on every machine"
+        )
+
+
+# Numeric keys with a lower bound: (key, bound, strict, training only, meaning); the meaning
+# goes into the message. Keys of the wrong type are already refused by yacs when merging.
+_BOUNDS = (
+    ("LOG_PERIOD", 0, True, True, "iterations between metric writes"),
+    ("SOLVER.MAX_ITER", 0, True, True, "training iterations"),
+    ("SOLVER.CHECKPOINT_PERIOD", 0, True, True, "iterations between checkpoints"),
+    ("SOLVER.WARMUP_ITERS", 0, False, True, "warmup iterations; 0 = no warmup"),
+    ("SOLVER.WARMUP_FACTOR", 0, False, True, "LR factor at iteration 0 of the warmup"),
+    ("SOLVER.GAMMA", 0, True, True, "LR factor at each step"),
+    ("SOLVER.MOMENTUM", 0, False, True, "SGD momentum"),
+    ("SOLVER.WEIGHT_DECAY", 0, False, True, "L2 weight decay"),
+    ("SOLVER.MEGDET.EPOCH_SIZE", 0, False, True, "images per epoch; 0 = count them"),
+    ("INPUT.MAX_SIZE_TRAIN", 0, True, True, "longest image side in training, pixels"),
+    ("MODEL.RPN.BATCH_SIZE_PER_IMAGE", 0, True, True, "anchors sampled per image"),
+    ("MODEL.RPN.PRE_NMS_TOPK_TRAIN", 0, True, True, "proposals kept before NMS"),
+    ("MODEL.RPN.POST_NMS_TOPK_TRAIN", 0, True, True, "proposals kept after NMS"),
+    ("MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 0, True, True, "ROIs sampled per image"),
+    ("MEGDET.DIST_TIMEOUT_S", 0, True, False, "seconds a collective waits for the others"),
+    ("TEST.EVAL_PERIOD", 0, False, False, "iterations between evaluations; 0 = at the end"),
+    ("TEST.DETECTIONS_PER_IMAGE", 0, True, False, "detections kept per image"),
+    ("DATALOADER.NUM_WORKERS", 0, False, False, "data loading processes; 0 = in-process"),
+    ("INPUT.MIN_SIZE_TEST", 0, False, False, "shortest image side in testing; 0 = no resize"),
+    ("INPUT.MAX_SIZE_TEST", 0, True, False, "longest image side in testing, pixels"),
+    ("MODEL.RPN.PRE_NMS_TOPK_TEST", 0, True, False, "proposals kept before NMS"),
+    ("MODEL.RPN.POST_NMS_TOPK_TEST", 0, True, False, "proposals kept after NMS"),
+)
+
+
+@functools.lru_cache(maxsize=1)
+def _defaults():
+    cfg = get_cfg()
+    add_megdet_config(cfg)
+    return cfg
+
+
+def _get(cfg, key):
+    return functools.reduce(getattr, key.split("."), cfg)
+
+
+def check_values(cfg, training=True):
+    """Numeric keys are in range, e.g. ``LOG_PERIOD`` > 0, ``SOLVER.WARMUP_ITERS`` >= 0 (a
+    0 or negative value otherwise fails later with a ZeroDivisionError, or trains wrongly)."""
+    for key, bound, strict, train_only, meaning in _BOUNDS:
+        if train_only and not training:
+            continue
+        value = _get(cfg, key)
+        if value < bound or (strict and value == bound):
+            raise ConfigError(
+                f"{key}={value!r} must be {'positive' if strict else 'non-negative'} "
+                f"({meaning}); set e.g. the default {_get(_defaults(), key)!r}"
+            )
+    sizes = cfg.INPUT.MIN_SIZE_TRAIN
+    if training and (not sizes or any(size <= 0 for size in sizes)):
+        raise ConfigError(
+            f"INPUT.MIN_SIZE_TRAIN={tuple(sizes)!r} must hold positive sizes (shortest image "
+            f"side in training, pixels); set e.g. {tuple(_defaults().INPUT.MIN_SIZE_TRAIN)!r}"
+        )
+
+
 def check_device(cfg, procs_per_machine):
-    """``MODEL.DEVICE`` must exist, and a CUDA run needs one GPU per process of a machine."""
+    """``MODEL.DEVICE`` is a device, and a CUDA run needs one GPU per process of a machine."""
     device = cfg.MODEL.DEVICE
-    if not device.startswith("cuda"):
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise ConfigError(f"MODEL.DEVICE={device!r} is not a device; use 'cpu' or 'cuda'")
+    if kind != "cuda":
         return
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus == 0:
-        raise ValueError(
+        raise ConfigError(
             f"MODEL.DEVICE={device!r} but no CUDA GPU is visible; set MODEL.DEVICE cpu "
             "(then --num-gpus is the number of CPU processes)"
         )
     if procs_per_machine > gpus:
-        raise ValueError(
+        raise ConfigError(
             f"--num-gpus={procs_per_machine} processes per machine but only {gpus} GPU(s) are "
             f"visible (MODEL.DEVICE={device!r}); use --num-gpus {gpus} or fewer"
+        )
+
+
+def check_output_dir(cfg):
+    """``OUTPUT_DIR`` is a folder this process can create and write to. Nothing is created:
+    a temporary file is made and removed in the nearest existing folder."""
+    out = cfg.OUTPUT_DIR
+    if not out or not _is_local(out):
+        return
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(
+            f"OUTPUT_DIR={out!r} cannot be a folder: {existing!r} is a file; choose another "
+            "OUTPUT_DIR"
+        )
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"OUTPUT_DIR={out!r} is not writable ({existing!r}: {e.strerror}); choose a folder "
+            "you can write to, or fix its permissions"
+        ) from None
+
+
+def _registries(cfg):
+    """``(key, registry)`` of the component names this model is built from."""
+    from detectron2 import modeling as m
+
+    pairs = [("MODEL.META_ARCHITECTURE", m.META_ARCH_REGISTRY),
+             ("MODEL.BACKBONE.NAME", m.BACKBONE_REGISTRY),
+             ("MODEL.ANCHOR_GENERATOR.NAME", m.ANCHOR_GENERATOR_REGISTRY)]  # fmt: skip
+    if cfg.MODEL.META_ARCHITECTURE in ("GeneralizedRCNN", "PanopticFPN", "ProposalNetwork"):
+        pairs += [("MODEL.PROPOSAL_GENERATOR.NAME", m.PROPOSAL_GENERATOR_REGISTRY),
+                  ("MODEL.RPN.HEAD_NAME", m.RPN_HEAD_REGISTRY)]  # fmt: skip
+    if cfg.MODEL.META_ARCHITECTURE in ("GeneralizedRCNN", "PanopticFPN"):
+        pairs += [("MODEL.ROI_HEADS.NAME", m.ROI_HEADS_REGISTRY),
+                  ("MODEL.ROI_BOX_HEAD.NAME", m.ROI_BOX_HEAD_REGISTRY)]  # fmt: skip
+        if cfg.MODEL.MASK_ON:
+            pairs.append(("MODEL.ROI_MASK_HEAD.NAME", m.ROI_MASK_HEAD_REGISTRY))
+        if cfg.MODEL.KEYPOINT_ON:
+            pairs.append(("MODEL.ROI_KEYPOINT_HEAD.NAME", m.ROI_KEYPOINT_HEAD_REGISTRY))
+    return pairs
+
+
+_SAMPLERS = ("TrainingSampler", "RepeatFactorTrainingSampler", "RandomSubsetTrainingSampler")
+
+
+def check_names(cfg, training=True):
+    """Every component name (meta-architecture, backbone, heads, ...) is registered, and the
+    training sampler is one detectron2 builds (else a KeyError / ValueError in every worker)."""
+    for key, registry in _registries(cfg):
+        name = _get(cfg, key)
+        if name not in registry:
+            known = sorted(n for n, _ in registry)
+            close = difflib.get_close_matches(name, known, n=3)
+            hint = f" (did you mean {close}?)" if close else ""
+            raise ConfigError(
+                f"{key}={name!r} is not registered{hint}; use one of {known}, or register "
+                "yours (and import its module) before train_net.py builds the model"
+            )
+    sampler = cfg.DATALOADER.SAMPLER_TRAIN
+    if training and sampler not in _SAMPLERS:
+        raise ConfigError(
+            f"DATALOADER.SAMPLER_TRAIN={sampler!r} is not a sampler detectron2 builds; use one "
+            f"of {list(_SAMPLERS)}"
         )
 
 
@@ -109,7 +287,7 @@ def check_norms(cfg):
     known = known_norm_names()
     for key, value in _norm_keys(cfg):
         if value and value not in known:
-            raise ValueError(
+            raise ConfigError(
                 f"{key}={value!r} is not a known norm; use one of {known} or '' (no norm), or "
                 "register yours with @megdet_d2.NORM_REGISTRY.register()"
             )
@@ -128,13 +306,15 @@ def _dataset_names(cfg, training):
 
 def check_datasets(cfg, training=True):
     """Every dataset named in ``DATASETS.TEST`` (and ``TRAIN`` when training) is registered and
-    its files exist (detectron2 registers ``coco_2017_*`` etc. whether or not they do)."""
+    its files exist (detectron2 registers ``coco_2017_*`` etc. whether or not they do); a COCO
+    dataset's json and images pass :func:`~megdet_d2.data.coco_check.check_coco_dataset`
+    (the test sets too, so that a broken one fails now rather than after training)."""
     registered = DatasetCatalog.list()
     for key, name in _dataset_names(cfg, training):
         if name not in registered:
             close = difflib.get_close_matches(name, registered, n=3)
             hint = f" (did you mean {close}?)" if close else ""
-            raise ValueError(
+            raise ConfigError(
                 f"{key} names {name!r}, which is not a registered dataset{hint}; register it "
                 "with detectron2.data.datasets.register_coco_instances before training"
             )
@@ -142,10 +322,66 @@ def check_datasets(cfg, training=True):
         for meta_key in _DATA_PATH_KEYS:
             path = metadata.get(meta_key, None)
             if isinstance(path, str) and _is_local(path) and not os.path.exists(path):
-                raise ValueError(
+                raise ConfigError(
                     f"{key} names {name!r}, whose {meta_key} {path!r} does not exist; put the "
                     "data there (detectron2 looks under $DETECTRON2_DATASETS, default "
                     "./datasets) or register the dataset with the right paths"
+                )
+        summary = _coco_summary(key, name)
+        if training and key == "DATASETS.TRAIN" and summary and not summary["annotated_images"]:
+            raise ConfigError(
+                f"{key} names {name!r}, whose json_file {metadata.json_file!r} has no image "
+                "with a (non-crowd) annotation: nothing to train on (detectron2 drops "
+                "unannotated images); check that the annotations' image_id values match the "
+                "images' id values"
+            )
+    _check_proposal_files(cfg, training)
+
+
+# Checked COCO datasets: (json_file, mtime, size, image_root) -> summary (the launcher checks
+# before and after a schedule preset; a json is read once).
+_COCO_CHECKED = {}
+
+
+def _coco_summary(key, name):
+    """The COCO check's summary for dataset ``name``, or None if it is not a local COCO one."""
+    metadata = MetadataCatalog.get(name)
+    json_file, image_root = metadata.get("json_file", None), metadata.get("image_root", None)
+    if metadata.get("evaluator_type", None) != "coco" or not json_file or not image_root:
+        return None
+    if not (_is_local(json_file) and _is_local(image_root) and os.path.isfile(json_file)):
+        return None
+    if launched_by_torchrun() and os.environ["LOCAL_RANK"] != "0":
+        return None  # local rank 0 checks the machine's files; if they are bad, it exits and
+        # torchrun stops this process too (8 processes need not each parse a 450 MB json)
+    stat = os.stat(json_file)
+    cache_key = (json_file, stat.st_mtime_ns, stat.st_size, image_root)
+    if cache_key not in _COCO_CHECKED:
+        try:
+            _COCO_CHECKED[cache_key] = check_coco_dataset(json_file, image_root)
+        except ConfigError as e:
+            raise ConfigError(f"{key} names {name!r}: {e}") from None
+    return _COCO_CHECKED[cache_key]
+
+
+def _check_proposal_files(cfg, training):
+    if not cfg.MODEL.LOAD_PROPOSALS:
+        return
+    pairs = [("TEST", cfg.DATASETS.TEST, cfg.DATASETS.PROPOSAL_FILES_TEST)]
+    if training:
+        pairs.insert(0, ("TRAIN", cfg.DATASETS.TRAIN, cfg.DATASETS.PROPOSAL_FILES_TRAIN))
+    for split, names, files in pairs:
+        if len(files) != len(names):
+            raise ConfigError(
+                f"DATASETS.PROPOSAL_FILES_{split} has {len(files)} file(s) for "
+                f"{len(names)} dataset(s) in DATASETS.{split} (MODEL.LOAD_PROPOSALS True); give "
+                "one per dataset"
+            )
+        for path in files:
+            if _is_local(path) and not os.path.isfile(path):
+                raise ConfigError(
+                    f"DATASETS.PROPOSAL_FILES_{split} names {path!r}, which does not exist; "
+                    "give the precomputed proposals, or set MODEL.LOAD_PROPOSALS False"
                 )
 
 
@@ -162,19 +398,25 @@ def check_num_classes(cfg, training=True):
 
     A mismatch otherwise fails late: fewer classes than the dataset is a target-out-of-range
     error in the first loss, more can be an assertion in COCOEvaluator after the first
-    evaluation. Datasets whose ``thing_classes`` are only known after loading them (plain
-    ``register_coco_instances``) are not checked.
+    evaluation. The class count is the dataset's ``thing_classes`` when registered with them
+    (builtin COCO, the quickstart), else that of its checked COCO json's ``categories``.
     """
     key = _NUM_CLASSES_KEYS.get(cfg.MODEL.META_ARCHITECTURE)
     if key is None:
         return
-    num_classes = functools.reduce(getattr, key.split("."), cfg)
-    for _, name in _dataset_names(cfg, training):
+    num_classes = _get(cfg, key)
+    if num_classes <= 0:
+        raise ConfigError(f"{key}={num_classes} must be positive (object classes)")
+    for dataset_key, name in _dataset_names(cfg, training):
         classes = MetadataCatalog.get(name).get("thing_classes", None)
-        if classes is not None and len(classes) != num_classes:
-            raise ValueError(
-                f"{key}={num_classes} but dataset {name!r} has {len(classes)} classes; set "
-                f"{key} {len(classes)} (or use datasets with {num_classes} classes)"
+        count = len(classes) if classes is not None else None
+        if count is None:
+            summary = _coco_summary(dataset_key, name)
+            count = summary["categories"] if summary else None
+        if count is not None and count != num_classes:
+            raise ConfigError(
+                f"{key}={num_classes} but dataset {name!r} has {count} classes; set "
+                f"{key} {count} (or use datasets with {num_classes} classes)"
             )
 
 
@@ -187,7 +429,7 @@ def _checkpoint_to_load(cfg, resume):
         key = f"OUTPUT_DIR/last_checkpoint ({last})"
         path = os.path.join(cfg.OUTPUT_DIR, name)
         if not os.path.isfile(path):
-            raise ValueError(
+            raise ConfigError(
                 f"{key} names {name!r}, which does not exist in OUTPUT_DIR; restore that file, "
                 "or remove last_checkpoint to start from MODEL.WEIGHTS"
             )
@@ -196,10 +438,11 @@ def _checkpoint_to_load(cfg, resume):
 
 
 def check_weights(cfg, resume=False):
-    """The local checkpoint the run will load exists and fits the model (URLs and
-    detectron2:// paths are left to loading).
+    """The local checkpoint the run will load exists, can be read, and fits the model: shapes
+    (``MEGDET.STRICT_SHAPES``) and at least half of the model's tensors found in it
+    (``MEGDET.ALLOW_PARTIAL_WEIGHTS``). URLs and detectron2:// paths are left to loading.
 
-    The shapes are compared on a model built on the ``meta`` device (no memory, no
+    The checkpoint is loaded into a model built on the ``meta`` device (no memory, no
     initialisation cost) with the same checkpointer and name conversions as the real load, so
     that a mismatch costs seconds in the launcher rather than a traceback from every worker.
     """
@@ -207,24 +450,26 @@ def check_weights(cfg, resume=False):
     if not path or not _is_local(path):
         return
     if not os.path.isfile(path):
-        raise ValueError(
+        raise ConfigError(
             f"{key}={path!r} is not a file; give an existing checkpoint, a URL or "
             "detectron2:// path, or '' to start from scratch"
         )
-    if not cfg.MEGDET.STRICT_SHAPES:
-        return
     model = _meta_model(cfg)
-    if model is None:
-        return
+    checkpointer = MegDetCheckpointer(
+        model if model is not None else nn.Module(),  # then: only read the file
+        strict_shapes=cfg.MEGDET.STRICT_SHAPES,
+        allow_partial=cfg.MEGDET.ALLOW_PARTIAL_WEIGHTS or model is None,
+    )
     with _quiet():
         try:
-            MegDetCheckpointer(model, strict_shapes=True).load(path, checkpointables=[])
-        except ValueError as e:
-            raise ValueError(f"{key}={path!r}: {e}") from None
-        except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
-            raise ValueError(
+            checkpointer.load(path, checkpointables=[])
+        except ConfigError as e:
+            raise ConfigError(f"{key}={path!r}: {e}") from None
+        except Exception as e:  # torch.load / pickle / a state dict that is not one
+            raise ConfigError(
                 f"{key}={path!r} cannot be read as a checkpoint ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}); give a complete checkpoint file"
+                f"{_first_line(e)}); give a complete checkpoint file (.pth, or .pkl from "
+                "detectron2's model zoo)"
             ) from None
 
 
@@ -255,11 +500,68 @@ def _quiet():
         logging.disable(previous)
 
 
+def _first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def config_error_line(error):
+    """The one line of a ``ConfigError``: its message, or, when a DataLoader worker raised it
+    (torch re-raises it with the worker's traceback as message), the original message."""
+    text = str(error).strip()
+    if "\nOriginal Traceback" in text:
+        last = text.splitlines()[-1]
+        return last.split("ConfigError: ", 1)[1] if "ConfigError: " in last else last
+    return _first_line(error) or type(error).__name__
+
+
+def _report(line):
+    """Print ``line`` on stderr, and leave it in torchrun's error file for its summary."""
+    print(line, file=sys.stderr, flush=True)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        with contextlib.suppress(OSError):
+            with open(error_file, "w") as f:  # the format torchrun's @record writes
+                info = {"py_callstack": line, "timestamp": str(int(time.time()))}
+                json.dump({"message": {"message": line, "extraInfo": info}}, f)
+
+
 @contextlib.contextmanager
-def exit_on_config_error():
-    """Turn a config ``ValueError`` into one line on stderr and exit status 2 (no traceback)."""
+def exit_on_config_error(catch=ValueError, every_process=True):
+    """Turn a config error into ``Config error: <one line>`` on stderr and exit status 2, with
+    no traceback.
+
+    Args:
+        catch: the exceptions meaning a config fault: ``ValueError`` around the launcher's
+            checks (nothing else runs there), ``ConfigError`` around training (where any other
+            exception is a bug whose traceback is wanted).
+        every_process: every process of the machine runs this same block (the launcher's
+            checks run in each torchrun worker): only local rank 0 prints, the others exit
+            with the same status silently. False: the failing process prints (a fault only it
+            saw, e.g. an image it could not read).
+    """
     try:
         yield
-    except ValueError as e:
-        print(f"Config error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except catch as e:
+        if not (every_process and launched_by_torchrun()) or os.environ["LOCAL_RANK"] == "0":
+            _report(f"Config error: {config_error_line(e)}")
+        sys.exit(CONFIG_ERROR_EXIT_CODE)
+
+
+@contextlib.contextmanager
+def exit_after_worker_config_error():
+    """Around ``launch``: a worker that ended with a config error (status 2, its line already
+    printed) ends the launcher with status 2 instead of torch's spawn traceback; the other
+    workers are stopped by ``torch.multiprocessing``, without its "Terminating process"
+    warnings after that line."""
+    spawn_logger = logging.getLogger("torch.multiprocessing.spawn")
+    level = spawn_logger.level
+    spawn_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    except ProcessExitedException as e:
+        if e.exit_code != CONFIG_ERROR_EXIT_CODE:
+            raise
+        sys.exit(CONFIG_ERROR_EXIT_CODE)
+    finally:
+        spawn_logger.setLevel(level)

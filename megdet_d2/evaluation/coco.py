@@ -2,7 +2,10 @@
 
 Detectron2's ``COCOEvaluator`` keeps only the six AP numbers of ``COCOeval.stats``; the paper
 also reports mmAR (average recall over IoU .50:.95 with 100 detections per image). This subclass
-adds the recall half of ``stats`` and writes every number to ``<output_dir>/coco_metrics.json``.
+adds the recall half of ``stats`` and writes every number to ``<output_dir>/coco_metrics.json``
+as strict JSON: a number COCO cannot compute (every one when the model detected nothing, APs
+when there are no small objects) is ``null`` there, not ``NaN``, and a model without
+detections prints a line saying so instead of ``mmAP = nan``.
 
 Backend: detectron2's C++ ``COCOeval_opt`` when it is built; otherwise faster-coco-eval's
 ``COCOeval_faster`` when installed (``benchmarks/bench_coco_eval.py``: the same 12 numbers as
@@ -11,6 +14,7 @@ pycocotools to 1e-16, about 9x faster); otherwise pycocotools.
 
 import contextlib
 import json
+import math
 import os
 
 from detectron2.evaluation import COCOEvaluator
@@ -18,7 +22,7 @@ from detectron2.evaluation import coco_evaluation as d2_coco
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
-__all__ = ["MegDetCOCOEvaluator"]
+__all__ = ["MegDetCOCOEvaluator", "strict_json"]
 
 # Positions of the recall numbers in COCOeval.stats, per iou_type.
 _RECALL_STATS = {
@@ -26,6 +30,21 @@ _RECALL_STATS = {
     "segm": {"AR@1": 6, "AR@10": 7, "AR": 8, "ARs": 9, "ARm": 10, "ARl": 11},
     "keypoints": {"AR": 5, "AR50": 6, "AR75": 7, "ARm": 8, "ARl": 9},
 }
+
+
+def strict_json(value):
+    """``value`` with every non-finite float (NaN, inf) replaced by None (JSON ``null``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def _fmt(value):
+    return f"{value:.2f}" if math.isfinite(value) else "n/a (no ground truth)"
 
 
 def _faster_coco_eval():
@@ -67,8 +86,12 @@ class MegDetCOCOEvaluator(COCOEvaluator):
     def _derive_coco_results(self, coco_eval, iou_type, class_names=None):
         results = super()._derive_coco_results(coco_eval, iou_type, class_names=class_names)
         recall = _RECALL_STATS[iou_type]
-        if coco_eval is None:
+        if coco_eval is None:  # detectron2 evaluates nothing: every number is NaN
             results.update({name: float("nan") for name in recall})
+            self._logger.info(
+                f"{iou_type}: no detections on {self._metadata.name}, so mmAP and mmAR are "
+                "undefined (null in coco_metrics.json)"
+            )
             return results
         stats = coco_eval.stats
         results.update(
@@ -78,7 +101,7 @@ class MegDetCOCOEvaluator(COCOEvaluator):
             }
         )
         self._logger.info(
-            f"{iou_type}: mmAP = {results['AP']:.2f}, mmAR = {results['AR']:.2f} "
+            f"{iou_type}: mmAP = {_fmt(results['AP'])}, mmAR = {_fmt(results['AR'])} "
             "(IoU .50:.95, 100 detections per image)"
         )
         return results
@@ -89,6 +112,6 @@ class MegDetCOCOEvaluator(COCOEvaluator):
             PathManager.mkdirs(self._output_dir)
             path = os.path.join(self._output_dir, "coco_metrics.json")
             with PathManager.open(path, "w") as f:
-                json.dump(results, f, indent=2)
+                json.dump(strict_json(results), f, indent=2, allow_nan=False)
             self._logger.info(f"Wrote COCO metrics to {path}")
         return results

@@ -9,6 +9,8 @@ with ``get_cgbn_group`` on every call.
 import torch.distributed as dist
 from detectron2.utils import comm
 
+from ..errors import ConfigError
+
 __all__ = [
     "check_group_size",
     "create_cgbn_groups",
@@ -25,15 +27,15 @@ _STATE = None
 
 
 def check_group_size(group_size, world_size, procs_per_machine):
-    """Raise a one-line ``ValueError`` if ``group_size`` is invalid for this world (no I/O)."""
+    """Raise a one-line ``ConfigError`` if ``group_size`` is invalid for this world (no I/O)."""
     hint = "(or be 0 = per machine, -1 = all ranks)"
     if not isinstance(group_size, int) or group_size < -1:
-        raise ValueError(f"{_KEY}={group_size} must be a positive divisor of the world size "
-                         f"{world_size} {hint}")  # fmt: skip
+        raise ConfigError(f"{_KEY}={group_size} must be a positive divisor of the world size "
+                          f"{world_size} {hint}")  # fmt: skip
     if group_size > 0 and world_size % group_size != 0:
-        raise ValueError(f"{_KEY}={group_size} must divide the world size {world_size} {hint}")
+        raise ConfigError(f"{_KEY}={group_size} must divide the world size {world_size} {hint}")
     if group_size == 0 and (procs_per_machine < 1 or world_size % procs_per_machine != 0):
-        raise ValueError(
+        raise ConfigError(
             f"{_KEY}=0 needs a per-machine size dividing the world size {world_size}, "
             f"got {procs_per_machine} processes per machine"
         )

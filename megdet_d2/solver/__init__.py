@@ -18,6 +18,7 @@ from .presets import (  # registration: "normal", "long"
     check_preset_config,
     count_training_images,
     derive_schedule,
+    schedule_summary,
 )
 
 __all__ = [
@@ -33,5 +34,6 @@ __all__ = [
     "check_solver_config",
     "count_training_images",
     "derive_schedule",
+    "schedule_summary",
     "step_values",
 ]

@@ -10,6 +10,7 @@ from detectron2.solver import build_lr_scheduler as d2_build_lr_scheduler
 from detectron2.solver.lr_scheduler import LRScheduler
 from fvcore.common.registry import Registry
 
+from ..errors import ConfigError
 from .presets import check_preset_config
 
 __all__ = [
@@ -49,12 +50,12 @@ def build_lr_scheduler(cfg, optimizer: torch.optim.Optimizer) -> LRScheduler:
 
 
 def _fail(key: str, value, fix: str):
-    raise ValueError(f"{key}={value!r} {fix}")
+    raise ConfigError(f"{key}={value!r} {fix}")
 
 
 def check_solver_config(cfg) -> None:
     """
-    Raise a one-line ``ValueError`` (key, bad value, fix) for solver settings that would train
+    Raise a one-line ``ConfigError`` (key, bad value, fix) for solver settings that would train
     wrongly or crash later. Call it after :func:`apply_schedule_preset`, before freezing.
     """
     s = cfg.SOLVER

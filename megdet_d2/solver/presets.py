@@ -14,6 +14,8 @@ from typing import Any, Dict, Tuple
 from detectron2.data import get_detection_dataset_dicts
 from fvcore.common.registry import Registry
 
+from ..errors import ConfigError
+
 __all__ = [
     "SCHEDULE_PRESETS",
     "SchedulePreset",
@@ -21,6 +23,7 @@ __all__ = [
     "apply_schedule_preset",
     "check_preset_config",
     "count_training_images",
+    "schedule_summary",
 ]
 
 logger = logging.getLogger(__name__)
@@ -81,9 +84,9 @@ def registered_preset_names():
 
 
 def get_preset(name: str) -> SchedulePreset:
-    """The preset registered as ``name``; a one-line ``ValueError`` listing the names otherwise."""
+    """The preset registered as ``name``; a one-line ``ConfigError`` listing the names otherwise."""
     if name not in SCHEDULE_PRESETS:
-        raise ValueError(
+        raise ConfigError(
             f"SOLVER.MEGDET.SCHEDULE={name!r} is not a registered preset; use one of "
             f"{registered_preset_names()} (or register yours with @SCHEDULE_PRESETS.register()), "
             "or '' to use SOLVER.MAX_ITER / STEPS as written."
@@ -93,12 +96,12 @@ def get_preset(name: str) -> SchedulePreset:
 
 def _check_sizes(epoch_size: int, ims_per_batch: int) -> None:
     if ims_per_batch <= 0:
-        raise ValueError(
+        raise ConfigError(
             f"SOLVER.IMS_PER_BATCH={ims_per_batch} must be positive; set it to the total number "
             "of images per iteration (all processes together)."
         )
     if epoch_size < ims_per_batch:
-        raise ValueError(
+        raise ConfigError(
             f"SOLVER.MEGDET.EPOCH_SIZE={epoch_size} is smaller than SOLVER.IMS_PER_BATCH="
             f"{ims_per_batch} (an epoch must hold at least one mini-batch); set EPOCH_SIZE to "
             "the number of training images, or 0 to count the registered training set."
@@ -106,7 +109,7 @@ def _check_sizes(epoch_size: int, ims_per_batch: int) -> None:
 
 
 def check_preset_config(cfg) -> None:
-    """One-line ``ValueError`` for a preset setting that cannot be derived (no-op without one)."""
+    """One-line ``ConfigError`` for a preset setting that cannot be derived (no-op without one)."""
     m = cfg.SOLVER.MEGDET
     if not m.SCHEDULE:
         return
@@ -116,7 +119,7 @@ def check_preset_config(cfg) -> None:
     )
     for key in ("EPOCHS", "EVAL_PERIOD_EPOCHS", "CHECKPOINT_PERIOD_EPOCHS"):
         if m[key] < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"SOLVER.MEGDET.{key}={m[key]} is negative; use a number of epochs >= 1, "
                 "or 0 for the default (the preset's length / the iteration period as written)."
             )
@@ -145,7 +148,7 @@ def derive_schedule(
     max_iter = round(preset.end_epoch * scale * iters_per_epoch)
     steps = [round(e * scale * iters_per_epoch) for e in preset.decay_epochs]
     if steps != sorted(set(steps)) or not 0 < steps[0] or steps[-1] >= max_iter:
-        raise ValueError(
+        raise ConfigError(
             f"SOLVER.MEGDET.EPOCHS={epochs} leaves preset {name!r} no room for its "
             f"{len(steps)} LR decays at {iters_per_epoch} iterations per epoch; use more epochs"
         )
@@ -175,13 +178,30 @@ def count_training_images(cfg) -> int:
     try:
         return len(dataset)
     except TypeError:
-        raise ValueError(
+        raise ConfigError(
             f"SOLVER.MEGDET.EPOCH_SIZE=0 but DATASETS.TRAIN={tuple(cfg.DATASETS.TRAIN)} has no "
             "length (iterable dataset); set SOLVER.MEGDET.EPOCH_SIZE to the images per epoch."
         ) from None
 
 
-def apply_schedule_preset(cfg) -> Dict[str, Any]:
+# What a preset writes that a user may also have written: key -> how to keep the user's value.
+_PROTECTED = {
+    "SOLVER.MAX_ITER": "set SOLVER.MEGDET.SCHEDULE '' to use SOLVER.MAX_ITER / STEPS as written",
+    "SOLVER.STEPS": "set SOLVER.MEGDET.SCHEDULE '' to use SOLVER.MAX_ITER / STEPS as written",
+    "SOLVER.MEGDET.STEP_GAMMAS": "set SOLVER.MEGDET.SCHEDULE '' to use your steps",
+    "TEST.EVAL_PERIOD": "set SOLVER.MEGDET.EVAL_PERIOD_EPOCHS 0 to keep TEST.EVAL_PERIOD",
+    "SOLVER.CHECKPOINT_PERIOD": (
+        "set SOLVER.MEGDET.CHECKPOINT_PERIOD_EPOCHS 0 to keep SOLVER.CHECKPOINT_PERIOD"
+    ),
+}
+
+
+def _same(a, b):
+    as_list = (list, tuple)
+    return (list(a) if isinstance(a, as_list) else a) == (list(b) if isinstance(b, as_list) else b)
+
+
+def apply_schedule_preset(cfg, explicit=None) -> Dict[str, Any]:
     """
     Write the iterations of preset ``cfg.SOLVER.MEGDET.SCHEDULE`` into the (unfrozen) ``cfg``:
     ``SOLVER.MAX_ITER``, ``SOLVER.STEPS``, ``SOLVER.MEGDET.STEP_GAMMAS``,
@@ -192,6 +212,12 @@ def apply_schedule_preset(cfg) -> Dict[str, Any]:
 
     Every output is a function of the inputs only, so applying it again (e.g. to a re-loaded
     ``config.yaml``) gives the same numbers. Does nothing when SCHEDULE is "".
+
+    Args:
+        explicit: ``{key: where}`` of keys the user set deliberately (``train_net.py``: on the
+            command line, or in a YAML file inheriting from the one that chose the preset). A
+            preset never replaces such a value: a different derived value is a
+            ``ConfigError`` naming both keys.
 
     Returns:
         the derived numbers (see :func:`derive_schedule`, plus ``eval_period`` and
@@ -217,16 +243,40 @@ def apply_schedule_preset(cfg) -> Dict[str, Any]:
         "TEST.EVAL_PERIOD": derived["eval_period"],
         "SOLVER.CHECKPOINT_PERIOD": derived["checkpoint_period"],
     }
+    nodes = {}
     for key, value in updates.items():
         *parents, leaf = key.split(".")
         node = cfg
         for p in parents:
             node = node[p]
+        nodes[key] = (node, leaf)
         old = node[leaf]
-        if (list(old) if isinstance(old, (list, tuple)) else old) != (
-            list(value) if isinstance(value, (list, tuple)) else value
-        ):
-            logger.info(f"Schedule preset {name!r}: {key} {old} -> {value}")
+        if key in (explicit or {}) and key in _PROTECTED and not _same(old, value):
+            raise ConfigError(
+                f"{key}={old!r} is set {explicit[key]}, but SOLVER.MEGDET.SCHEDULE={name!r} "
+                f"derives {key}={value!r} ({epoch_size} images per epoch at SOLVER."
+                f"IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} = {ipe} iterations); remove {key} "
+                f"to use the preset, or {_PROTECTED[key]}"
+            )
+    for key, value in updates.items():
+        node, leaf = nodes[key]
+        if not _same(node[leaf], value):
+            logger.info(f"Schedule preset {name!r}: {key} {node[leaf]} -> {value}")
         setattr(node, leaf, value)  # raises on a frozen cfg
     logger.info(f"Schedule preset {name!r} derived: {derived}")
     return derived
+
+
+def schedule_summary(cfg) -> str:
+    """One line saying what the applied preset set (for the log, once a logger exists), or ""
+    when no preset is selected."""
+    s, m = cfg.SOLVER, cfg.SOLVER.MEGDET
+    if not m.SCHEDULE:
+        return ""
+    return (
+        f"Schedule preset {m.SCHEDULE!r}: {m.EPOCH_SIZE} images per epoch / "
+        f"SOLVER.IMS_PER_BATCH {s.IMS_PER_BATCH} = {m.ITERS_PER_EPOCH} iterations per epoch -> "
+        f"SOLVER.MAX_ITER {s.MAX_ITER}, SOLVER.STEPS {tuple(s.STEPS)} (factors "
+        f"{list(m.STEP_GAMMAS)}), TEST.EVAL_PERIOD {cfg.TEST.EVAL_PERIOD}, "
+        f"SOLVER.CHECKPOINT_PERIOD {s.CHECKPOINT_PERIOD}"
+    )
