@@ -99,20 +99,21 @@ def summarize(run_dir):
     return {
         "ap": [r["bbox/AP"] for r in evals],
         "ar": evals[-1].get("bbox/AR") if evals else None,
-        "iterations": max((r["iteration"] for r in records), default=-1) + 1,
+        "iterations": max((r["iteration"] for r in records if "lr" in r), default=-1) + 1,
         "train_s": seconds,
     }
 
 
 def _fmt(x):
-    return "—" if x is None or x != x else f"{x:.1f}"  # NaN (a diverged run): "—"
+    return "—" if x is None or x != x else f"{x:.1f}"  # null / NaN (no detections): "—"
 
 
 def table(args, results):
     """Markdown table of the runs."""
     header = [
         "| run | batch | BN size | LR policy | iterations | train time | wall-clock | final mmAP "
-        "| final mmAR | AP after epoch " + " / ".join(str(e) for e in range(1, args.epochs + 1))
+        "| final mmAR | AP after epoch "
+        + " / ".join(str(e) for e in range(1, args.epochs + 1))
         + " | exit |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]

@@ -167,4 +167,3 @@ def test_imagenet_style_checkpoint_without_bn_statistics_loads(tmp_path):
     detector = nn.Sequential(*backbone, nn.Flatten(), nn.Linear(4, 4), nn.Linear(4, 2))
     MegDetCheckpointer(detector).load(path)  # 6 of 10 learned tensors (6 of 14 with statistics)
     torch.testing.assert_close(detector[0].weight, backbone[0].weight)
-
