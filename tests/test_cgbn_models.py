@@ -67,7 +67,8 @@ _MODELS = {
     ),
     "retinanet": (
         "COCO-Detection/retinanet_R_50_FPN_1x.yaml",
-        {"backbone.bottom_up.": 20, "backbone.fpn_": 6, "head.cls_subnet.": 2, "head.bbox_": 2},
+        # the head's 2 norms per subnet are per FPN level (5), as detectron2 builds for SyncBN
+        {"backbone.bottom_up.": 20, "backbone.fpn_": 6, "head.cls_subnet.": 10, "head.bbox_": 10},
     ),
     "mask_rcnn": (
         "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml",
