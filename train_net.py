@@ -30,6 +30,7 @@ from megdet_d2.engine import (
     exit_on_config_error,
     launch,
     process_layout,
+    resolve_dist_url,
     set_cpu_threads,
     setup_cgbn_groups,
 )
@@ -113,12 +114,16 @@ if __name__ == "__main__":
     print("Command Line Args:", args)
     with exit_on_config_error():
         cfg = load_config(args)  # fail fast, with one line, before any process is spawned
+        # detectron2's default URL on one machine -> a free port; a taken explicit port -> error
+        dist_url = resolve_dist_url(
+            args.dist_url, args.num_gpus, args.num_machines, args.machine_rank
+        )
     launch(  # detectron2's launch, or no spawning under torchrun
         main,
         args.num_gpus,
         num_machines=args.num_machines,
         machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
+        dist_url=dist_url,
         args=(args, cfg),
         timeout=timedelta(seconds=cfg.MEGDET.DIST_TIMEOUT_S),  # a dead peer fails the job
     )

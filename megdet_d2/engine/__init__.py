@@ -1,4 +1,5 @@
 from .checkpoint import MegDetCheckpointer
+from .dist_url import resolve_dist_url
 from .hooks import SAMPLE_STATS_KEYS, SampleStatsHook
 from .launch import launch, launched_by_torchrun, process_layout
 from .setup import bn_size, check_written_for, set_cpu_threads, setup_cgbn_groups
@@ -19,6 +20,7 @@ __all__ = [
     "launch",
     "launched_by_torchrun",
     "process_layout",
+    "resolve_dist_url",
     "set_cpu_threads",
     "setup_cgbn_groups",
 ]
