@@ -11,6 +11,7 @@ or start it with ``torchrun --nproc-per-node K train_net.py ...`` (nothing is sp
 
 import logging
 import os
+import sys
 from datetime import timedelta
 
 from detectron2.config import get_cfg
@@ -22,6 +23,7 @@ import megdet_d2
 from megdet_d2 import add_megdet_config, apply_schedule_preset
 from megdet_d2.data import register_quickstart_datasets
 from megdet_d2.engine import (
+    JobFailed,
     MegDetCheckpointer,
     MegDetTrainer,
     check_config,
@@ -118,12 +120,15 @@ if __name__ == "__main__":
         dist_url = resolve_dist_url(
             args.dist_url, args.num_gpus, args.num_machines, args.machine_rank
         )
-    launch(  # detectron2's launch, or no spawning under torchrun
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=dist_url,
-        args=(args, cfg),
-        timeout=timedelta(seconds=cfg.MEGDET.DIST_TIMEOUT_S),  # a dead peer fails the job
-    )
+    try:
+        launch(  # spawn and supervise, or no spawning under torchrun
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=dist_url,
+            args=(args, cfg),
+            timeout=timedelta(seconds=cfg.MEGDET.DIST_TIMEOUT_S),  # a dead peer fails the job
+        )
+    except JobFailed as e:  # the workers printed their tracebacks; the cause in one line
+        sys.exit(f"Job failed: {e}")
