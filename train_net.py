@@ -11,6 +11,7 @@ or start it with ``torchrun --nproc-per-node K train_net.py ...`` (nothing is sp
 
 import logging
 import os
+import sys
 from datetime import timedelta
 
 from detectron2.config import get_cfg
@@ -22,6 +23,7 @@ import megdet_d2
 from megdet_d2 import ConfigError, add_megdet_config, apply_schedule_preset
 from megdet_d2.data import register_quickstart_datasets
 from megdet_d2.engine import (
+    JobFailed,
     MegDetCheckpointer,
     MegDetTrainer,
     check_config,
@@ -30,15 +32,16 @@ from megdet_d2.engine import (
     check_output_dir,
     check_values,
     check_written_for,
-    exit_after_worker_config_error,
     exit_on_config_error,
     launch,
     merge_config,
     process_layout,
+    resolve_dist_url,
     set_after,
     set_cpu_threads,
     setup_cgbn_groups,
 )
+from megdet_d2.errors import CONFIG_ERROR_EXIT_CODE
 from megdet_d2.evaluation import MegDetCOCOEvaluator
 from megdet_d2.modeling import apply_sublinear_memory
 from megdet_d2.solver import schedule_summary
@@ -133,13 +136,21 @@ if __name__ == "__main__":
     print("Command Line Args:", args)
     with exit_on_config_error():
         cfg = load_config(args)  # fail fast, with one line, before any process is spawned
-    with exit_after_worker_config_error():  # a worker's config error: its line, status 2
-        launch(  # detectron2's launch, or no spawning under torchrun
+        # detectron2's default URL on one machine -> a free port; a taken explicit port -> error
+        dist_url = resolve_dist_url(
+            args.dist_url, args.num_gpus, args.num_machines, args.machine_rank
+        )
+    try:
+        launch(  # spawn and supervise, or no spawning under torchrun
             main,
             args.num_gpus,
             num_machines=args.num_machines,
             machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
+            dist_url=dist_url,
             args=(args, cfg),
             timeout=timedelta(seconds=cfg.MEGDET.DIST_TIMEOUT_S),  # a dead peer fails the job
         )
+    except JobFailed as e:
+        if e.exit_code == CONFIG_ERROR_EXIT_CODE:  # the worker printed its one config-error line
+            sys.exit(CONFIG_ERROR_EXIT_CODE)
+        sys.exit(f"Job failed: {e}")  # the workers printed their tracebacks; the cause in one line

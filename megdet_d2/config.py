@@ -89,9 +89,11 @@ def add_megdet_config(cfg):
     # Reliability of long multi-process runs (train_net.py, MegDetTrainer).
     # ---------------------------------------------------------------------------------------
     # Seconds a process waits in a collective (all_reduce, broadcast, barrier) for the others
-    # before the job fails with an error, instead of hanging when a process died or diverged.
-    # Passed to init_process_group (detectron2's default: 1800). Keep it above the longest step
-    # one process may take alone (a checkpoint save, a first NCCL connection).
+    # before the job fails with an error, instead of hanging when a process died, froze or
+    # diverged. Given to every process group of the run: the world group, detectron2's
+    # per-machine group and CGBN's groups (torch's default for each: 1800). Keep it above the
+    # longest step one process takes while the others wait (a checkpoint save, the COCO
+    # evaluation rank 0 runs on the gathered predictions, a first NCCL connection).
     _C.MEGDET.DIST_TIMEOUT_S = 1800
     # Loading MODEL.WEIGHTS or a --resume checkpoint whose tensor shapes do not fit the model
     # is an error naming the keys (detectron2 only warns and leaves those tensors untrained).

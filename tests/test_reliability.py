@@ -31,10 +31,13 @@ def _train_net(tmp_path, num_gpus, *opts):
            "SOLVER.WARMUP_ITERS", "1", "LOG_PERIOD", "1", "OUTPUT_DIR", str(tmp_path / "out"),
            *opts]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return psutil.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )  # fmt: skip
+    # output to a file: a pipe that is read only at the end fills up (64 KB) and blocks the job
+    with open(tmp_path / "train_net.log", "w") as log:
+        proc = psutil.Popen(
+            cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    proc.output = lambda: (tmp_path / "train_net.log").read_text()
+    return proc
 
 
 def _workers(launcher):
@@ -52,7 +55,7 @@ def test_killing_one_process_ends_the_job_quickly(tmp_path):
         metrics = tmp_path / "out" / "metrics.json"
         deadline = time.monotonic() + 200
         while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert proc.poll() is None, proc.output()[-3000:]
             assert time.monotonic() < deadline, "training did not start"
             time.sleep(0.5)
         workers = _workers(proc)
@@ -75,7 +78,8 @@ def test_non_finite_loss_names_iteration_losses_and_lr(tmp_path):
     inf = ("MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT", "1e999")
     proc = _train_net(tmp_path, 1, "SOLVER.MAX_ITER", "5", *inf)
     try:
-        out, _ = proc.communicate(timeout=240)
+        proc.wait(timeout=240)
+        out = proc.output()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

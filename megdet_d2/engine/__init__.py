@@ -1,8 +1,11 @@
 from .checkpoint import MegDetCheckpointer, remove_stale_temporaries
 from .config_file import merge_config, set_after
+from .dist_url import resolve_dist_url
 from .hooks import SAMPLE_STATS_KEYS, SampleStatsHook
 from .launch import launch, launched_by_torchrun, process_layout
+from .process_groups import init_process_groups
 from .setup import bn_size, check_written_for, set_cpu_threads, setup_cgbn_groups
+from .supervise import JobFailed
 from .trainer import MegDetJSONWriter, MegDetTrainer, NamedImageErrors, create_ddp_model
 from .validate import (
     check_config,
@@ -10,11 +13,11 @@ from .validate import (
     check_launch_args,
     check_output_dir,
     check_values,
-    exit_after_worker_config_error,
     exit_on_config_error,
 )
 
 __all__ = [
+    "JobFailed",
     "MegDetCheckpointer",
     "MegDetJSONWriter",
     "MegDetTrainer",
@@ -29,14 +32,15 @@ __all__ = [
     "check_values",
     "check_written_for",
     "create_ddp_model",
-    "exit_after_worker_config_error",
     "exit_on_config_error",
+    "init_process_groups",
     "launch",
     "launched_by_torchrun",
     "merge_config",
     "process_layout",
     "remove_stale_temporaries",
     "set_after",
+    "resolve_dist_url",
     "set_cpu_threads",
     "setup_cgbn_groups",
 ]

@@ -1,24 +1,36 @@
-"""``launch``: detectron2's ``launch``, or -- under torchrun / SLURM / Kubernetes -- no spawning.
+"""``launch``: detectron2's ``launch`` (same signature), made so that a job never hangs.
 
-``torchrun`` (and launchers that set the same variables) starts every process itself and sets
-``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` and
-``MASTER_PORT``. Detectron2's ``launch`` would spawn ``--num-gpus`` more processes from each
-of them; here the process group is initialised from that environment (``env://``), detectron2's
-per-machine group is made from ``LOCAL_WORLD_SIZE`` (CGBN's default group), and ``main_func``
-runs in this process. Without those variables this is detectron2's ``launch``.
+Spawned on one machine (``--num-gpus N``) or started by torchrun / a launcher that sets
+``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE`` (then nothing is spawned, the
+process group comes from ``env://`` and the per-machine group from ``LOCAL_WORLD_SIZE``):
+
+* every process group gets ``timeout`` (``MEGDET.DIST_TIMEOUT_S``), detectron2's per-machine
+  group included (``process_groups.py``);
+* spawned workers are supervised: the first that fails or is killed ends the others, and
+  ``JobFailed`` says which and why in one line (``supervise.py``; torchrun's agent does the
+  same for its workers);
+* every worker dies with its launcher or torchrun agent.
 """
 
 import os
+import socket
+import tempfile
 
-import torch
 import torch.distributed as dist
-from detectron2.engine import launch as d2_launch
+import torch.multiprocessing as mp
 from detectron2.engine.launch import DEFAULT_TIMEOUT
-from detectron2.utils import comm
 
 from ..errors import ConfigError
+from .process_groups import init_process_groups
+from .supervise import exit_with_parent, kill_all, run_worker, supervise
 
-__all__ = ["DEFAULT_TIMEOUT", "launch", "launched_by_torchrun", "process_layout"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "find_free_port",
+    "launch",
+    "launched_by_torchrun",
+    "process_layout",
+]
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
@@ -41,6 +53,13 @@ def process_layout(num_gpus_per_machine, num_machines=1):
     return world // local, local
 
 
+def find_free_port():
+    """A TCP port that is free on this machine right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
 def launch(
     main_func,
     num_gpus_per_machine,
@@ -50,29 +69,68 @@ def launch(
     args=(),
     timeout=DEFAULT_TIMEOUT,
 ):
-    """Same signature and behaviour as ``detectron2.engine.launch``; under torchrun the
-    process-count arguments are ignored (the environment says them) and nothing is spawned."""
-    if not launched_by_torchrun():
-        return d2_launch(
-            main_func,
-            num_gpus_per_machine,
-            num_machines=num_machines,
-            machine_rank=machine_rank,
-            dist_url=dist_url,
-            args=args,
-            timeout=timeout,
-        )
-    num_machines, local_world_size = process_layout(num_gpus_per_machine, num_machines)
-    if num_machines * local_world_size > 1:
-        has_gpu = torch.cuda.is_available()
-        if has_gpu:
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group(
-            backend="NCCL" if has_gpu else "GLOO", init_method="env://", timeout=timeout
-        )
-        comm.create_local_process_group(local_world_size)
-        comm.synchronize()
-    result = main_func(*args)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return result
+    """Run ``main_func(*args)`` in every process of the job, as ``detectron2.engine.launch``.
+
+    Under torchrun the process-count arguments are ignored (the environment says them).
+    ``dist_url`` ``"auto"`` (or None) on one machine: a free port on 127.0.0.1.
+
+    Raises:
+        JobFailed: a spawned worker failed or was killed (the others were then killed too).
+    """
+    if launched_by_torchrun():
+        return _run_started_worker(main_func, args, timeout)
+    world_size = num_machines * num_gpus_per_machine
+    if world_size == 1:
+        return main_func(*args)
+    if dist_url in (None, "auto"):
+        if num_machines != 1:
+            raise ValueError("dist_url 'auto' needs one machine; give tcp://HOST0:PORT")
+        dist_url = f"tcp://127.0.0.1:{find_free_port()}"
+    context = mp.get_context("spawn")
+    processes = {}
+    with tempfile.TemporaryDirectory(prefix="megdet_d2_launch_") as report_dir:
+        try:
+            for local_rank in range(num_gpus_per_machine):
+                rank = machine_rank * num_gpus_per_machine + local_rank
+                process = context.Process(
+                    target=_spawned_worker,
+                    args=(main_func, args, rank, local_rank, world_size, num_gpus_per_machine,
+                          dist_url, timeout, os.getpid(), report_dir),
+                    daemon=False,  # a daemon may not start data-loader workers
+                )  # fmt: skip
+                process.start()
+                processes[rank] = process
+        except BaseException:
+            kill_all(processes.values())
+            raise
+        supervise(processes, report_dir)
+
+
+def _spawned_worker(main_func, args, rank, local_rank, world_size, procs_per_machine, dist_url,
+                    timeout, launcher_pid, report_dir):  # fmt: skip
+    exit_with_parent(launcher_pid)
+    init = (dist_url, world_size, rank, local_rank, procs_per_machine, timeout)
+    run_worker(_init_and_run, (init, main_func, args), rank, os.path.join(report_dir, str(rank)))
+
+
+def _init_and_run(init, main_func, args):
+    init_process_groups(*init)
+    return main_func(*args)
+
+
+def _run_started_worker(main_func, args, timeout):
+    """Under torchrun: this process is one worker of the job."""
+    # torchrun's agent starts workers from its main thread: the kernel's signal is safe.
+    exit_with_parent(os.getppid(), kernel_signal="TORCHELASTIC_RUN_ID" in os.environ)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world_size, procs_per_machine = int(os.environ["WORLD_SIZE"]), process_layout(1)[1]
+
+    def run():
+        if world_size > 1:
+            init_process_groups("env://", world_size, rank, local_rank, procs_per_machine, timeout)
+        result = main_func(*args)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return result
+
+    return run_worker(run, (), rank)

@@ -6,6 +6,7 @@ the launch a config was written for.
 
 import logging
 import os
+from datetime import timedelta
 
 import torch
 from detectron2.utils import comm
@@ -24,9 +25,10 @@ logger = logging.getLogger(__name__)
 
 
 def setup_cgbn_groups(cfg):
-    """Create CGBN's process groups (collective: every process calls it) and log the layout."""
+    """Create CGBN's process groups (collective: every process calls it), with the run's
+    ``MEGDET.DIST_TIMEOUT_S``, and log the layout."""
     group_size = cfg.MODEL.CGBN.GROUP_SIZE
-    layout = create_cgbn_groups(group_size)
+    layout = create_cgbn_groups(group_size, timeout=timedelta(seconds=cfg.MEGDET.DIST_TIMEOUT_S))
     per_process = cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
     ranks = len(layout[0])
     logger.info(

@@ -8,8 +8,8 @@ Each check raises a one-line ``ConfigError`` "KEY=value <what is wrong>; <fix>" 
 file); :func:`exit_on_config_error` turns it into ``Config error: ...`` on stderr and exit
 status 2, printed once per machine under torchrun (where every process runs the checks).
 Faults only a worker can see (an image the data loader cannot decode, a checkpoint from a URL
-that loads too little) end that worker the same way, and :func:`exit_after_worker_config_error`
-ends the launcher with status 2 and no traceback of its own.
+that loads too little) end that worker the same way; the launcher (``engine/supervise.py``)
+then stops the others and ends with status 2 and no traceback of its own.
 """
 
 import contextlib
@@ -28,7 +28,6 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from torch import nn
-from torch.multiprocessing import ProcessExitedException
 
 from ..config import add_megdet_config
 from ..data.coco_check import check_coco_dataset
@@ -50,7 +49,6 @@ __all__ = [
     "check_output_dir",
     "check_values",
     "check_weights",
-    "exit_after_worker_config_error",
     "exit_on_config_error",
 ]
 
@@ -546,22 +544,3 @@ def exit_on_config_error(catch=ValueError, every_process=True):
         if not (every_process and launched_by_torchrun()) or os.environ["LOCAL_RANK"] == "0":
             _report(f"Config error: {config_error_line(e)}")
         sys.exit(CONFIG_ERROR_EXIT_CODE)
-
-
-@contextlib.contextmanager
-def exit_after_worker_config_error():
-    """Around ``launch``: a worker that ended with a config error (status 2, its line already
-    printed) ends the launcher with status 2 instead of torch's spawn traceback; the other
-    workers are stopped by ``torch.multiprocessing``, without its "Terminating process"
-    warnings after that line."""
-    spawn_logger = logging.getLogger("torch.multiprocessing.spawn")
-    level = spawn_logger.level
-    spawn_logger.setLevel(logging.ERROR)
-    try:
-        yield
-    except ProcessExitedException as e:
-        if e.exit_code != CONFIG_ERROR_EXIT_CODE:
-            raise
-        sys.exit(CONFIG_ERROR_EXIT_CODE)
-    finally:
-        spawn_logger.setLevel(level)

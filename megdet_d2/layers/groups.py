@@ -58,13 +58,18 @@ def _current():
     return _STATE if _STATE["world"] is dist.group.WORLD else None
 
 
-def create_cgbn_groups(group_size):
+def create_cgbn_groups(group_size, timeout=None):
     """Create the CGBN process groups; call on ALL ranks after ``torch.distributed`` init.
 
     ``group_size``: ``0`` = detectron2's per-machine group (``comm.get_local_process_group()``,
     made by detectron2's ``launch``), ``k > 0`` = consecutive blocks of ``k`` ranks, ``-1`` =
     all ranks. Without ``torch.distributed`` (or with one process) no group is made and CGBN
     does no communication.
+
+    ``timeout`` (a ``timedelta``): of the groups made here (a collective waits that long for a
+    frozen or dead peer); None = torch's default (30 min for gloo), not the world group's.
+    ``train_net.py`` passes ``MEGDET.DIST_TIMEOUT_S``. The ``0`` and ``-1`` layouts reuse the
+    per-machine and world groups, which have the timeout they were made with.
 
     Calling it again with the same ``group_size`` returns the existing layout (no collective);
     with a different one raises ``RuntimeError`` -- call ``reset_cgbn_groups()`` on all ranks
@@ -105,7 +110,7 @@ def create_cgbn_groups(group_size):
     else:
         group = None
         for ranks in layout:  # every rank creates every block, in the same order
-            new = dist.new_group(ranks)
+            new = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 group = new
     _STATE = {

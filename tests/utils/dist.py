@@ -91,6 +91,8 @@ def run_distributed(fn, world_size, args=(), procs_per_machine=None, timeout=120
             for p in ctx.processes:
                 p.kill()
                 p.join()
+            if isinstance(e, TimeoutError):
+                raise  # a hang stays a hang, whatever its killed ranks' peers then report
             errors = _child_errors(result_dir)
             if errors:
                 raise ChildProcessError(f"{fn.__name__} failed:\n{errors}") from e
@@ -108,6 +110,7 @@ def _child_errors(result_dir):
     for name in os.listdir(result_dir):
         if name.endswith(".err"):
             with open(os.path.join(result_dir, name)) as f:
-                stamp, tb = f.read().split("\n", 1)
-            errors.append((float(stamp), int(name[:-4]), tb))
+                parts = f.read().split("\n", 1)
+            if len(parts) == 2:  # not one a killed process left half-written
+                errors.append((float(parts[0]), int(name[:-4]), parts[1]))
     return "\n".join(f"-- rank {rank}:\n{tb}" for _, rank, tb in sorted(errors))

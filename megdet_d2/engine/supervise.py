@@ -1,0 +1,178 @@
+"""A job ends as a whole: a failed, killed or frozen process, or a dead launcher, ends all of its
+processes, and the launcher says why in one line.
+
+* Launcher (:func:`supervise`): waits for its workers; at the first one that fails or is
+  killed it gives the others a few seconds, kills the rest with SIGKILL (which also ends a
+  stopped process: SIGTERM would stay pending) and raises :class:`JobFailed`. A frozen worker
+  (SIGSTOP, a stalled machine, a hung kernel) is noticed through its peers: a collective waits
+  for it at most the process-group timeout, then fails in them.
+* Worker (:func:`run_worker`): a failure ends the process at once (``os._exit`` after flushing
+  the logs), because a process whose collective failed can hang in interpreter teardown
+  (process-group destructors, non-daemon threads) and would keep the job alive.
+* Worker (:func:`exit_with_parent`): the worker dies with its launcher or torchrun's agent, by
+  SIGKILL from the kernel (``PR_SET_PDEATHSIG``, Linux; it reaches a stopped process too) and a
+  thread that watches ``os.getppid()`` (any POSIX system, any launcher).
+"""
+
+import ctypes
+import logging
+import multiprocessing.connection
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import traceback
+
+__all__ = ["JobFailed", "exit_with_parent", "kill_all", "run_worker", "supervise"]
+
+_GRACE_S = 3.0  # for the other workers to end by themselves after the first failure
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_MAX_REASON = 400  # characters of an exception message kept in the one-line reason
+
+
+class JobFailed(RuntimeError):
+    """A worker failed or was killed; the message is one line naming it and the cause.
+    ``exit_code``: that worker's exit status (negative: killed by that signal)."""
+
+    def __init__(self, message, exit_code=1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def exit_with_parent(parent_pid, kernel_signal=True):
+    """End this process when process ``parent_pid`` (its parent) ends.
+
+    ``kernel_signal``: also ask Linux for SIGKILL at the parent's death. The kernel sends it when
+    the *thread* that started this process ends, so use it only when that thread lives as long
+    as the job (our launcher; torchrun's agent); the ``getppid`` watch has no such caveat.
+    """
+    if kernel_signal and sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent_pid:  # it died before the signal was requested
+        os._exit(1)
+    threading.Thread(
+        target=_watch_parent, args=(parent_pid,), name="megdet_d2-parent-watch", daemon=True
+    ).start()
+
+
+def _watch_parent(parent_pid):
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run_worker(fn, args, rank, report_path=None):
+    """``fn(*args)``; if it raises, print the traceback, report one line (to ``report_path``
+    for the launcher, else to stderr) and end the process with status 1 at once."""
+    try:
+        return fn(*args)
+    except BaseException as e:  # every failure, KeyboardInterrupt included, ends the process
+        if isinstance(e, SystemExit) and e.code in (None, 0):
+            raise
+        if isinstance(e, SystemExit) and isinstance(e.code, int):  # e.g. a config error: its
+            _flush()  # one line is printed already; keep its status, add no traceback
+            os._exit(e.code)
+        traceback.print_exc()
+        reason = _one_line(e)
+        if report_path is not None:
+            with open(report_path, "w") as f:
+                f.write(reason)
+        else:
+            print(f"rank {rank} failed: {reason}", file=sys.stderr)
+        _flush()
+        os._exit(1)
+
+
+def _one_line(exc):
+    lines = str(exc).strip().splitlines()
+    # gloo prefixes "[/path/to/source.cc:78] ": the message is what follows
+    first = re.sub(r"^\[[^\]\s]+:\d+\]\s*", "", lines[0]) if lines else ""
+    text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
+
+
+def _flush():
+    try:
+        logging.shutdown()  # flushes the log files
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except Exception:  # a closed stream must not keep the process alive
+        pass
+
+
+def supervise(processes, report_dir, grace_s=_GRACE_S):
+    """Wait for ``processes`` (``{global rank: started multiprocessing.Process}``); on the first
+    failure stop the others and raise :class:`JobFailed`. Worker ``r`` may write its reason to
+    ``report_dir/r``. No process is left running when this returns or raises."""
+    running = dict(processes)
+    try:
+        while running:
+            multiprocessing.connection.wait([p.sentinel for p in running.values()])
+            ended = {r: p for r, p in running.items() if p.exitcode is not None}
+            for rank in ended:
+                del running[rank]
+            failed = [r for r, p in ended.items() if p.exitcode != 0]
+            if failed:
+                # a rank killed by a signal is the likelier cause than a peer that then failed
+                first = min(failed, key=lambda r: (ended[r].exitcode >= 0, r))
+                cause = _failure(first, ended[first], report_dir)
+                raise JobFailed(cause + _stop_others(running, grace_s), ended[first].exitcode)
+    finally:
+        kill_all(processes.values())
+
+
+def _failure(rank, process, report_dir):
+    path = os.path.join(report_dir, str(rank))
+    if os.path.isfile(path):
+        with open(path) as f:
+            return f"rank {rank} failed: {f.read().strip()}"
+    code = process.exitcode
+    if code < 0:
+        try:
+            return f"rank {rank} was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            pass
+    return f"rank {rank} exited with status {code}"
+
+
+def _stop_others(running, grace_s):
+    """Give ``running`` ``grace_s`` to end, kill the rest; describe what was killed."""
+    deadline = time.monotonic() + grace_s
+    for process in running.values():
+        process.join(max(0.0, deadline - time.monotonic()))
+    killed = []
+    for rank, process in sorted(running.items()):
+        if process.exitcode is None:
+            state = _state(process.pid)
+            killed.append(f"rank {rank}" + (f" ({state})" if state else ""))
+            process.kill()
+    return f"; killed {', '.join(killed)}" if killed else ""
+
+
+def _state(pid):
+    """What ``/proc`` says about a process that did not end (Linux), or ''."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            code = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+    return {
+        "T": "stopped by a signal, e.g. SIGSTOP",
+        "t": "stopped by a debugger",
+        "D": "in uninterruptible sleep, e.g. a hung device or file system",
+    }.get(code, "")
+
+
+def kill_all(processes, timeout_s=30.0):
+    """SIGKILL the processes still running and reap them (a process in uninterruptible sleep
+    may outlive SIGKILL: it is waited for at most ``timeout_s``)."""
+    processes = list(processes)
+    for process in processes:
+        if process.exitcode is None:
+            process.kill()
+    deadline = time.monotonic() + timeout_s
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
