@@ -25,6 +25,8 @@ import threading
 import time
 import traceback
 
+from ..errors import CONFIG_ERROR_EXIT_CODE
+
 __all__ = ["JobFailed", "exit_with_parent", "kill_all", "run_worker", "supervise"]
 
 _GRACE_S = 3.0  # for the other workers to end by themselves after the first failure
@@ -119,7 +121,11 @@ def supervise(processes, report_dir, grace_s=_GRACE_S):
                 # a rank killed by a signal is the likelier cause than a peer that then failed
                 first = min(failed, key=lambda r: (ended[r].exitcode >= 0, r))
                 cause = _failure(first, ended[first], report_dir)
-                raise JobFailed(cause + _stop_others(running, grace_s), ended[first].exitcode)
+                code = ended[first].exitcode
+                # a config error's line is the cause: stop the others at once, before their
+                # "connection closed" tracebacks bury it
+                grace = 0.0 if code == CONFIG_ERROR_EXIT_CODE else grace_s
+                raise JobFailed(cause + _stop_others(running, grace), code)
     finally:
         kill_all(processes.values())
 

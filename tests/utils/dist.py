@@ -58,6 +58,7 @@ def _worker(rank, fn, world_size, procs_per_machine, port, args, result_dir, tim
         with open(os.path.join(result_dir, f"{rank}.pkl"), "wb") as f:
             pickle.dump(result, f)
         dist.barrier()
+        open(os.path.join(result_dir, f"{rank}.done"), "w").close()  # every rank has its result
     finally:
         dist.destroy_process_group()
 
@@ -96,7 +97,13 @@ def run_distributed(fn, world_size, args=(), procs_per_machine=None, timeout=120
             errors = _child_errors(result_dir)
             if errors:
                 raise ChildProcessError(f"{fn.__name__} failed:\n{errors}") from e
-            raise
+            done = [
+                os.path.exists(os.path.join(result_dir, f"{r}.done")) for r in range(world_size)
+            ]
+            if not all(done):
+                raise
+            # Every rank returned and passed the final barrier: a crash after that is gloo's
+            # teardown under load ("terminate called without an active exception"), not fn's.
         results = []
         for rank in range(world_size):
             with open(os.path.join(result_dir, f"{rank}.pkl"), "rb") as f:
