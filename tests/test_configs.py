@@ -133,8 +133,8 @@ class _Records(logging.Handler):
 
 @pytest.fixture
 def setup_log():
-    """Records of megdet_d2.engine.setup's logger (independent of propagation settings)."""
-    logger = logging.getLogger("megdet_d2.engine.setup")
+    """Records of megdet_d2.engine.layout's logger (independent of propagation settings)."""
+    logger = logging.getLogger("megdet_d2.engine.layout")
     handler, level = _Records(), logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
@@ -157,7 +157,10 @@ def test_start_up_warns_when_launched_on_other_gpus(setup_log):
     assert len(warnings) == 2
     assert "WRITTEN_FOR.NUM_GPUS=64 but this launch gives 128" in warnings[0]
     assert "WRITTEN_FOR.BN_SIZE=32 but this launch gives 16" in warnings[1]
-    with pytest.raises(ValueError, match="IMS_PER_BATCH=256 must be divisible by 48"):
+    with pytest.raises(
+        ValueError,
+        match=r"IMS_PER_BATCH=256 must be a positive multiple of the number of processes \(48\)",
+    ):
         check_written_for(cfg, world_size=48, procs_per_machine=8)
 
 

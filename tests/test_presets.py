@@ -190,7 +190,7 @@ def test_epoch_smaller_than_batch():
 
 
 def test_bad_batch_and_periods():
-    _fails(_cfg(batch=0), "SOLVER.IMS_PER_BATCH=0 must be positive")
+    _fails(_cfg(batch=0), "SOLVER.IMS_PER_BATCH=0 must be a positive multiple")
     cfg = _cfg()
     cfg.SOLVER.MEGDET.EVAL_PERIOD_EPOCHS = -1
     _fails(cfg, "SOLVER.MEGDET.EVAL_PERIOD_EPOCHS=-1 is negative")

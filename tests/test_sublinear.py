@@ -167,7 +167,7 @@ def _ddp_cgbn_case(rank, world_size):
     plain, ckpt, _ = _pair("CGBN")
     assert any(isinstance(m, CGBN) for m in plain.modules())
     calls = _count_calls(ckpt, CGBN)
-    groups = [dist.group.WORLD, comm._LOCAL_PROCESS_GROUP]  # DDP's and CGBN's (GROUP_SIZE 0)
+    groups = [dist.group.WORLD, comm.get_local_process_group()]  # DDP's and CGBN's (GROUP_SIZE 0)
     x = torch.randn(
         2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(rank)
     )

@@ -3,9 +3,10 @@ from .config_file import merge_config, set_after
 from .dist_url import resolve_dist_url
 from .hooks import SAMPLE_STATS_KEYS, SampleStatsHook
 from .launch import launch, launched_by_torchrun, process_layout
+from .layout import bn_size, check_written_for, setup_cgbn_groups
 from .process_groups import init_process_groups
-from .setup import bn_size, check_written_for, set_cpu_threads, setup_cgbn_groups
 from .supervise import JobFailed
+from .threads import set_cpu_threads
 from .trainer import MegDetJSONWriter, MegDetTrainer, NamedImageErrors, create_ddp_model
 from .validate import (
     check_config,

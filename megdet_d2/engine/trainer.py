@@ -253,19 +253,27 @@ class MegDetTrainer(DefaultTrainer):
         ``LOG_PERIOD`` iterations (detectron2: over the last 20), so with ``LOG_PERIOD 1`` it
         holds every iteration's values (a resumed run's records then equal the full run's)."""
         PathManager.mkdirs(self.cfg.OUTPUT_DIR)
-        return [
+        self._megdet_writers = [
             CommonMetricPrinter(self.max_iter),
             MegDetJSONWriter(
                 os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"), window_size=self.cfg.LOG_PERIOD
             ),
             TensorboardXWriter(self.cfg.OUTPUT_DIR),
         ]
+        return self._megdet_writers
 
     def build_hooks(self):
         ret = super().build_hooks()
-        for hook in ret:
-            if isinstance(hook, hooks.PeriodicWriter):
-                hook._period = self.cfg.LOG_PERIOD  # DefaultTrainer hard-codes 20
+        # DefaultTrainer hard-codes a PeriodicWriter of period 20: the same writers (made once,
+        # by build_writers), every LOG_PERIOD iterations instead.
+        ret = [
+            (
+                hooks.PeriodicWriter(self._megdet_writers, period=self.cfg.LOG_PERIOD)
+                if isinstance(hook, hooks.PeriodicWriter)
+                else hook
+            )
+            for hook in ret
+        ]
         if self.cfg.MEGDET.SAMPLE_STATS:  # Table 1; every process, before the writer
             writer = [i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)]
             images = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()

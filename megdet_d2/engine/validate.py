@@ -35,6 +35,7 @@ from ..errors import CONFIG_ERROR_EXIT_CODE, ConfigError
 from ..layers import known_norm_names
 from ..layers.groups import check_group_size
 from ..solver import check_solver_config
+from ..solver.batch import check_ims_per_batch
 from .checkpoint import MegDetCheckpointer
 from .launch import launched_by_torchrun
 
@@ -86,12 +87,7 @@ def check_config(cfg, num_machines, procs_per_machine, training=True, resume=Fal
     check_datasets(cfg, training)
     check_num_classes(cfg, training)
     if training:
-        ims = cfg.SOLVER.IMS_PER_BATCH
-        if ims < world_size or ims % world_size != 0:
-            raise ConfigError(
-                f"SOLVER.IMS_PER_BATCH={ims} must be a positive multiple of the number of "
-                f"processes ({world_size}); set it to e.g. {world_size * max(1, ims // world_size)}"
-            )
+        check_ims_per_batch(cfg.SOLVER.IMS_PER_BATCH, world_size)
         check_solver_config(cfg)
     check_weights(cfg, resume)  # last: it reads the checkpoint
 

@@ -51,6 +51,15 @@ def _layout(group_size, world_size, procs_per_machine):
     return [list(range(start, start + block)) for start in range(0, world_size, block)]
 
 
+def _local_group():
+    """Detectron2's per-machine group (``comm.get_local_process_group()``), or None if no
+    launcher made one."""
+    try:
+        return comm.get_local_process_group()
+    except AssertionError:  # detectron2 asserts that the group exists
+        return None
+
+
 def _current():
     """The configured state if it belongs to the live default process group, else None."""
     if _STATE is None or not (dist.is_available() and dist.is_initialized()):
@@ -92,7 +101,7 @@ def create_cgbn_groups(group_size, timeout=None):
         return [list(r) for r in state["layout"]]
 
     world_size, rank = dist.get_world_size(), dist.get_rank()
-    local_group = comm._LOCAL_PROCESS_GROUP
+    local_group = _local_group()
     procs_per_machine = dist.get_world_size(local_group) if local_group is not None else 0
     if group_size == 0 and local_group is None:
         raise ValueError(
@@ -141,7 +150,7 @@ def get_cgbn_group():
         return state["group"]
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return None
-    local_group = comm._LOCAL_PROCESS_GROUP
+    local_group = _local_group()
     return local_group if local_group is not None else dist.group.WORLD
 
 

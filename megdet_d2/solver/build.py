@@ -11,6 +11,7 @@ from detectron2.solver.lr_scheduler import LRScheduler
 from fvcore.common.registry import Registry
 
 from ..errors import ConfigError
+from .batch import check_ims_per_batch
 from .presets import check_preset_config
 
 __all__ = [
@@ -113,12 +114,7 @@ def check_solver_config(cfg) -> None:
             s.MEGDET.REFERENCE_BATCH_SIZE,
             "must be positive; set it to the mini-batch size SOLVER.BASE_LR was tuned for (16).",
         )
-    if s.IMS_PER_BATCH <= 0:
-        _fail(
-            "SOLVER.IMS_PER_BATCH",
-            s.IMS_PER_BATCH,
-            "must be positive; set it to the total number of images per iteration.",
-        )
+    check_ims_per_batch(s.IMS_PER_BATCH)
     if s.WARMUP_ITERS >= s.MAX_ITER:
         _fail(
             "SOLVER.WARMUP_ITERS",

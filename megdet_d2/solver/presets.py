@@ -15,6 +15,7 @@ from detectron2.data import get_detection_dataset_dicts
 from fvcore.common.registry import Registry
 
 from ..errors import ConfigError
+from .batch import check_ims_per_batch
 
 __all__ = [
     "SCHEDULE_PRESETS",
@@ -95,11 +96,7 @@ def get_preset(name: str) -> SchedulePreset:
 
 
 def _check_sizes(epoch_size: int, ims_per_batch: int) -> None:
-    if ims_per_batch <= 0:
-        raise ConfigError(
-            f"SOLVER.IMS_PER_BATCH={ims_per_batch} must be positive; set it to the total number "
-            "of images per iteration (all processes together)."
-        )
+    check_ims_per_batch(ims_per_batch)
     if epoch_size < ims_per_batch:
         raise ConfigError(
             f"SOLVER.MEGDET.EPOCH_SIZE={epoch_size} is smaller than SOLVER.IMS_PER_BATCH="

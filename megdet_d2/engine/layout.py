@@ -1,23 +1,18 @@
-"""Per-process start-up steps of a MegDet run (the config checks are in ``validate.py``).
-
-``setup_cgbn_groups`` and ``set_cpu_threads`` run in every process; ``check_written_for`` logs
-the launch a config was written for.
-"""
+"""The launch's CGBN layout: the process groups (``setup_cgbn_groups``, every process), the BN
+size it gives (``bn_size``), and how it compares with the launch a config was written for
+(``check_written_for``, Table 3's rows)."""
 
 import logging
-import os
 from datetime import timedelta
 
-import torch
 from detectron2.utils import comm
 
-from ..errors import ConfigError
 from ..layers.groups import create_cgbn_groups, group_ranks_count
+from ..solver.batch import check_ims_per_batch
 
 __all__ = [
     "bn_size",
     "check_written_for",
-    "set_cpu_threads",
     "setup_cgbn_groups",
 ]
 
@@ -66,10 +61,7 @@ def check_written_for(cfg, world_size=None, procs_per_machine=None):
     world_size = world_size or comm.get_world_size()
     procs_per_machine = procs_per_machine or comm.get_local_size()
     batch = cfg.SOLVER.IMS_PER_BATCH
-    if batch % world_size != 0:
-        raise ConfigError(
-            f"SOLVER.IMS_PER_BATCH={batch} must be divisible by {world_size} processes"
-        )
+    check_ims_per_batch(batch, world_size)
     actual = {"NUM_GPUS": world_size, "BN_SIZE": bn_size(cfg, world_size, procs_per_machine)}
     wanted = cfg.MEGDET.WRITTEN_FOR
     logger.info(
@@ -87,14 +79,3 @@ def check_written_for(cfg, world_size=None, procs_per_machine=None):
                 f"{batch // world_size}, BN size {actual['BN_SIZE']})"
             )
     return actual
-
-
-def set_cpu_threads(cfg):
-    """Split the machine's cores among the CPU processes of this machine (as torchrun does).
-
-    Every process otherwise starts one thread per core, and N processes oversubscribe N-fold.
-    An explicit ``OMP_NUM_THREADS`` wins.
-    """
-    procs = comm.get_local_size()
-    if cfg.MODEL.DEVICE == "cpu" and procs > 1 and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // procs))
