@@ -21,7 +21,7 @@ from detectron2.utils.logger import setup_logger
 
 import megdet_d2
 from megdet_d2 import ConfigError, add_megdet_config, apply_schedule_preset
-from megdet_d2.data import register_quickstart_datasets
+from megdet_d2.data import register_config_datasets, register_quickstart_datasets
 from megdet_d2.engine import (
     JobFailed,
     MegDetCheckpointer,
@@ -80,6 +80,7 @@ def load_config(args):
     sources = merge_config(cfg, args.config_file, args.opts)  # where each key was set
     check_values(cfg, training)  # the cheap checks before any data is read
     check_output_dir(cfg)
+    register_config_datasets(cfg)  # DATASETS.COCO_INSTANCES
     register_quickstart_datasets(cfg)
     check_datasets(cfg, training)  # before a preset counts the images
     if training:  # a value set after choosing the preset is never replaced silently
@@ -98,7 +99,8 @@ def setup(args, cfg=None):
     if cfg is None:
         cfg = load_config(args)
     else:
-        register_quickstart_datasets(cfg)  # the dataset catalog is per process
+        register_config_datasets(cfg)  # the dataset catalog is per process
+        register_quickstart_datasets(cfg)
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="megdet_d2")
     if not args.eval_only and schedule_summary(cfg):

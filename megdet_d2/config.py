@@ -106,6 +106,16 @@ def add_megdet_config(cfg):
     _C.MEGDET.ALLOW_PARTIAL_WEIGHTS = False
 
     # ---------------------------------------------------------------------------------------
+    # Your own COCO-format data without code: [name, json file, image folder] triples, each
+    # registered with detectron2's register_coco_instances in every process, so that
+    # DATASETS.TRAIN / TEST can name them. E.g. in YAML:
+    #   COCO_INSTANCES: [["my_train", "data/train.json", "data/images"],
+    #                    ["my_val", "data/val.json", "data/images"]]
+    # Checked at start-up like every dataset (files, ids, images, classes vs NUM_CLASSES).
+    # ---------------------------------------------------------------------------------------
+    _C.DATASETS.COCO_INSTANCES = []
+
+    # ---------------------------------------------------------------------------------------
     # Built-in quickstart data: coloured shapes on small canvases, generated deterministically
     # to COCO json + PNG files and registered as "megdet_shapes_train" / "megdet_shapes_val".
     # ---------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 from .build import build_resumable_train_loader
+from .config_datasets import register_config_datasets
 from .quickstart import (
     CLASSES,
     TRAIN_NAME,
@@ -21,6 +22,7 @@ __all__ = [
     "build_resumable_train_loader",
     "generate_split",
     "prepare_quickstart_data",
+    "register_config_datasets",
     "register_quickstart_datasets",
     "sample_seed",
 ]
