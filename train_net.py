@@ -53,7 +53,7 @@ class Trainer(MegDetTrainer):
     @classmethod
     def build_model(cls, cfg):
         model = super().build_model(cfg)
-        if cfg.MODEL.MEGDET.SUBLINEAR_MEMORY:  # paper §3.3: recompute backbone activations
+        if cfg.MEGDET.SUBLINEAR_MEMORY:  # paper §3.3: recompute backbone activations
             logging.getLogger("megdet_d2").info(
                 f"Sub-linear memory: checkpointing {len(apply_sublinear_memory(model))} modules"
             )
@@ -80,7 +80,7 @@ def load_config(args):
     sources = merge_config(cfg, args.config_file, args.opts)  # where each key was set
     check_values(cfg, training)  # the cheap checks before any data is read
     check_output_dir(cfg)
-    register_config_datasets(cfg)  # DATASETS.COCO_INSTANCES
+    register_config_datasets(cfg)  # MEGDET.COCO_INSTANCES
     register_quickstart_datasets(cfg)
     check_datasets(cfg, training)  # before a preset counts the images
     if training:  # a value set after choosing the preset is never replaced silently

@@ -1,4 +1,4 @@
-"""Sub-linear memory (MODEL.MEGDET.SUBLINEAR_MEMORY): memory and time per training iteration.
+"""Sub-linear memory (MEGDET.SUBLINEAR_MEMORY): memory and time per training iteration.
 
 Builds detectron2's GeneralizedRCNN from ``configs/Base-MegDet-RCNN-FPN.yaml`` (R-50 FPN, CGBN in
 backbone and FPN, res2 and stem frozen as configured; ``MODEL.WEIGHTS ""``) in each of 2 CPU

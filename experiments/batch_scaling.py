@@ -72,15 +72,15 @@ def train_command(args, variant):
     return [
         sys.executable, os.path.join(REPO, "train_net.py"), "--num-gpus", "2",
         "--dist-url", "auto", "--config-file", CONFIG,
-        "DATASETS.QUICKSTART.ROOT", os.path.join(args.out_dir, "data"),
-        "DATASETS.QUICKSTART.NUM_TRAIN", str(args.num_train),
-        "DATASETS.QUICKSTART.NUM_VAL", str(args.num_val),
+        "MEGDET.QUICKSTART.ROOT", os.path.join(args.out_dir, "data"),
+        "MEGDET.QUICKSTART.NUM_TRAIN", str(args.num_train),
+        "MEGDET.QUICKSTART.NUM_VAL", str(args.num_val),
         "SOLVER.IMS_PER_BATCH", str(batch), "SOLVER.BASE_LR", str(BASE_LR),
         "SOLVER.MEGDET.REFERENCE_BATCH_SIZE", str(REFERENCE_BATCH),
         "SOLVER.MEGDET.SCHEDULE", "normal", "SOLVER.MEGDET.EPOCHS", str(args.epochs),
         "SOLVER.MEGDET.EVAL_PERIOD_EPOCHS", "1", "SOLVER.MEGDET.CHECKPOINT_PERIOD_EPOCHS", "0",
         "SOLVER.CHECKPOINT_PERIOD", "1000000", "SOLVER.WARMUP_ITERS", str(warmup),
-        "LOG_PERIOD", "1", *CGBN, *overrides,
+        "MEGDET.LOG_PERIOD", "1", *CGBN, *overrides,
         "OUTPUT_DIR", os.path.join(args.out_dir, variant),
     ]  # fmt: skip
 

@@ -4,7 +4,7 @@ The public API is re-exported here. Importing the package also registers MegDet'
 Detectron2 (imports marked "registration"); it never changes detectron2's default config.
 """
 
-from .config import add_megdet_config
+from .config import add_megdet_config, upgrade_config
 from .errors import ConfigError
 
 # registration: norm name "CGBN" in NORM_REGISTRY, consulted by detectron2's get_norm
@@ -44,4 +44,5 @@ __all__ = [
     "apply_schedule_preset",
     "build_lr_scheduler",
     "check_solver_config",
+    "upgrade_config",
 ]

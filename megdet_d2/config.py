@@ -1,11 +1,34 @@
 """MegDet config keys. `add_megdet_config(cfg)` is the only way they enter a config.
 
 Call it on a fresh ``get_cfg()`` before merging a YAML file; nothing here touches detectron2's
-global default config at import time.
+global default config at import time. Three nodes, by what a key is about:
+
+* ``MODEL.CGBN.*``: the CGBN layer (its process groups);
+* ``SOLVER.MEGDET.*``: the LR policy and the schedule presets;
+* ``MEGDET.*``: everything else of a run (sub-linear memory, the launch a config was written
+  for, sample statistics, reliability, logging, the quickstart and config-declared data).
+
+Keys of the previous layout (``LOG_PERIOD``, ``MODEL.MEGDET.SUBLINEAR_MEMORY``,
+``DATASETS.QUICKSTART.*``) still load for one release: :func:`upgrade_config` moves them to
+their new names with a ``FutureWarning`` (``train_net.py`` calls it after merging).
 """
+
+import warnings
 
 import torch
 from detectron2.config import CfgNode as CN
+
+from .errors import ConfigError
+
+__all__ = ["DEPRECATED_KEYS", "add_megdet_config", "check_upgraded", "upgrade_config"]
+
+_QUICKSTART_KEYS = ("ROOT", "NUM_TRAIN", "NUM_VAL", "IMAGE_SIZE", "ASPECT_RATIOS", "SEED")
+# old name -> new name; the old names are removed in the next release.
+DEPRECATED_KEYS = {
+    "LOG_PERIOD": "MEGDET.LOG_PERIOD",
+    "MODEL.MEGDET.SUBLINEAR_MEMORY": "MEGDET.SUBLINEAR_MEMORY",
+    **{f"DATASETS.QUICKSTART.{k}": f"MEGDET.QUICKSTART.{k}" for k in _QUICKSTART_KEYS},
+}
 
 
 def add_megdet_config(cfg):
@@ -15,9 +38,6 @@ def add_megdet_config(cfg):
     # Detectron2 defaults to "cuda"; run out of the box on CPU-only machines. An explicit
     # "cuda" in a YAML file or on the command line still wins (and is validated at start-up).
     _C.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-    # Iterations between writes of metrics.json / TensorBoard / the console (detectron2's
-    # DefaultTrainer hard-codes 20; LazyConfig calls this train.log_period).
-    _C.LOG_PERIOD = 20
 
     # ---------------------------------------------------------------------------------------
     # CGBN: cross-GPU batch normalisation (paper §3.3). Select it with NORM: "CGBN" on any
@@ -62,16 +82,14 @@ def add_megdet_config(cfg):
     # Paper experiments (§3.3, Tables 1-3): sub-linear memory, the launch a config was
     # written for, and the positive / negative sample statistics.
     # ---------------------------------------------------------------------------------------
-    _C.MODEL.MEGDET = CN()
+    _C.MEGDET = CN()
     # Sub-linear memory (§3.3, Chen et al. 2016): checkpoint the activations of every trainable
     # ResNet block (and of the FPN's normalised convs) and recompute them in backward: R50-FPN
     # keeps ~0.5x the activations at ~1.2x the time per iteration (benchmarks/bench_sublinear.py),
     # so a GPU holds more images (larger BN sizes per GPU). Recomputation reuses the first
     # forward's BN/CGBN statistics: no second running-statistics update and no extra
     # collective. See megdet_d2/modeling/sublinear.py.
-    _C.MODEL.MEGDET.SUBLINEAR_MEMORY = False
-
-    _C.MEGDET = CN()
+    _C.MEGDET.SUBLINEAR_MEMORY = False
     # The launch a config was written for (a row of Table 3). At start-up train_net.py logs
     # images per process and BN size and warns when the actual launch differs.
     _C.MEGDET.WRITTEN_FOR = CN()
@@ -86,8 +104,11 @@ def add_megdet_config(cfg):
     _C.MEGDET.SAMPLE_STATS = True
 
     # ---------------------------------------------------------------------------------------
-    # Reliability of long multi-process runs (train_net.py, MegDetTrainer).
+    # Reliability and logging of long multi-process runs (train_net.py, MegDetTrainer).
     # ---------------------------------------------------------------------------------------
+    # Iterations between writes of metrics.json / TensorBoard / the console (detectron2's
+    # DefaultTrainer hard-codes 20; LazyConfig calls this train.log_period).
+    _C.MEGDET.LOG_PERIOD = 20
     # Seconds a process waits in a collective (all_reduce, broadcast, barrier) for the others
     # before the job fails with an error, instead of hanging when a process died, froze or
     # diverged. Given to every process group of the run: the world group, detectron2's
@@ -108,27 +129,100 @@ def add_megdet_config(cfg):
     # ---------------------------------------------------------------------------------------
     # Your own COCO-format data without code: [name, json file, image folder] triples, each
     # registered with detectron2's register_coco_instances in every process, so that
-    # DATASETS.TRAIN / TEST can name them. E.g. in YAML:
+    # DATASETS.TRAIN / TEST can name them. E.g. in YAML, under MEGDET:
     #   COCO_INSTANCES: [["my_train", "data/train.json", "data/images"],
     #                    ["my_val", "data/val.json", "data/images"]]
     # Checked at start-up like every dataset (files, ids, images, classes vs NUM_CLASSES).
     # ---------------------------------------------------------------------------------------
-    _C.DATASETS.COCO_INSTANCES = []
+    _C.MEGDET.COCO_INSTANCES = []
 
     # ---------------------------------------------------------------------------------------
     # Built-in quickstart data: coloured shapes on small canvases, generated deterministically
     # to COCO json + PNG files and registered as "megdet_shapes_train" / "megdet_shapes_val".
     # ---------------------------------------------------------------------------------------
-    _C.DATASETS.QUICKSTART = CN()
+    _C.MEGDET.QUICKSTART = CN()
     # Folder the data is written to ("" = $DETECTRON2_DATASETS/megdet_shapes, default
     # ./datasets/megdet_shapes). Generated once; later runs reuse the files.
-    _C.DATASETS.QUICKSTART.ROOT = ""
-    _C.DATASETS.QUICKSTART.NUM_TRAIN = 512
-    _C.DATASETS.QUICKSTART.NUM_VAL = 64
+    _C.MEGDET.QUICKSTART.ROOT = ""
+    _C.MEGDET.QUICKSTART.NUM_TRAIN = 512
+    _C.MEGDET.QUICKSTART.NUM_VAL = 64
     # Canvas side in pixels (the longer side when the canvas is not square).
-    _C.DATASETS.QUICKSTART.IMAGE_SIZE = 128
+    _C.MEGDET.QUICKSTART.IMAGE_SIZE = 128
     # Width / height of each image, drawn per image from this list: [1.0] = square canvases
     # (the default data); e.g. [0.75, 1.5] gives portrait and landscape images, as COCO has,
     # so that DATALOADER.ASPECT_RATIO_GROUPING has two groups to keep apart.
-    _C.DATASETS.QUICKSTART.ASPECT_RATIOS = [1.0]
-    _C.DATASETS.QUICKSTART.SEED = 0
+    _C.MEGDET.QUICKSTART.ASPECT_RATIOS = [1.0]
+    _C.MEGDET.QUICKSTART.SEED = 0
+
+    # ---------------------------------------------------------------------------------------
+    # Deprecated names of the previous layout (DEPRECATED_KEYS), moved by upgrade_config.
+    # ---------------------------------------------------------------------------------------
+    _C.LOG_PERIOD = _C.MEGDET.LOG_PERIOD
+    _C.MODEL.MEGDET = CN()
+    _C.MODEL.MEGDET.SUBLINEAR_MEMORY = _C.MEGDET.SUBLINEAR_MEMORY
+    _C.DATASETS.QUICKSTART = _C.MEGDET.QUICKSTART.clone()
+    return cfg
+
+
+def _get(cfg, key):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _set(cfg, key, value):
+    *parents, leaf = key.split(".")
+    node = cfg
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+
+
+def _defaults():
+    from detectron2.config import get_cfg
+
+    return add_megdet_config(get_cfg())
+
+
+def upgrade_config(cfg):
+    """Move values set under a deprecated name (:data:`DEPRECATED_KEYS`) to the new name, with a
+    ``FutureWarning`` each; the old key is reset. Call after merging YAML files / overrides
+    (``train_net.py`` does). Both names set to different values is a ``ConfigError``.
+
+    Returns:
+        the ``{old: new}`` names that were moved.
+    """
+    defaults, moved = _defaults(), {}
+    for old, new in DEPRECATED_KEYS.items():
+        value, default = _get(cfg, old), _get(defaults, old)
+        if value == default:
+            continue
+        current = _get(cfg, new)
+        if current != _get(defaults, new) and current != value:
+            raise ConfigError(
+                f"{old}={value!r} (deprecated) and {new}={current!r} are both set; keep only "
+                f"{new}"
+            )
+        _set(cfg, new, value)
+        _set(cfg, old, default)
+        moved[old] = new
+        warnings.warn(
+            f"config key {old} is deprecated and will be removed in the next release; use {new} "
+            f"(its value {value!r} was used for {new})",
+            FutureWarning,
+            stacklevel=2,
+        )
+    return moved
+
+
+def check_upgraded(cfg):
+    """A ``ConfigError`` if a deprecated name still holds a value (``upgrade_config`` was not
+    called after merging): it would otherwise be ignored silently."""
+    defaults = _defaults()
+    for old, new in DEPRECATED_KEYS.items():
+        if _get(cfg, old) != _get(defaults, old):
+            raise ConfigError(
+                f"{old} is deprecated and not read any more; use {new}, or call "
+                "megdet_d2.upgrade_config(cfg) after merging your config"
+            )

@@ -79,7 +79,7 @@ run bench_cgbn_cuda 120 "$PY" benchmarks/bench_cgbn_cuda.py --out "$OUT/bench_cg
 if [ "$HAS_GPU" = 1 ]; then
   run quickstart 180 "$PY" train_net.py --num-gpus 1 \
     --config-file configs/quickstart/shapes_R18_FPN.yaml MODEL.DEVICE cuda \
-    OUTPUT_DIR "$OUT/quickstart_run" DATASETS.QUICKSTART.ROOT /tmp/megdet_shapes
+    OUTPUT_DIR "$OUT/quickstart_run" MEGDET.QUICKSTART.ROOT /tmp/megdet_shapes
 else
   echo "| quickstart | skipped: no GPU | 0 |" >>"$STEPS"
 fi

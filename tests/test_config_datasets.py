@@ -1,4 +1,4 @@
-"""The user's own COCO-format data named in the config (``DATASETS.COCO_INSTANCES``): registered
+"""The user's own COCO-format data named in the config (``MEGDET.COCO_INSTANCES``): registered
 in every process, checked at start-up, trained and evaluated end to end by ``train_net.py``."""
 
 import json
@@ -15,7 +15,7 @@ from tests.test_train_net import CONFIG, train_net
 def _cfg(entries):
     cfg = get_cfg()
     add_megdet_config(cfg)
-    cfg.DATASETS.COCO_INSTANCES = entries
+    cfg.MEGDET.COCO_INSTANCES = entries
     return cfg
 
 
@@ -44,9 +44,9 @@ def test_registers_each_entry_once(coco_files):
 @pytest.mark.parametrize(
     "entries, message",
     [
-        ([["only_two", "a.json"]], r"DATASETS.COCO_INSTANCES\[0\]=\['only_two', 'a.json'\] is "
+        ([["only_two", "a.json"]], r"MEGDET.COCO_INSTANCES\[0\]=\['only_two', 'a.json'\] is "
                                    r"not a \[name, json file, image folder\] triple"),
-        ([["x", "", "imgs"]], r"DATASETS.COCO_INSTANCES\[0\]=.* triple of non-empty strings"),
+        ([["x", "", "imgs"]], r"MEGDET.COCO_INSTANCES\[0\]=.* triple of non-empty strings"),
         ([["x", "a.json", "i"], ["x", "b.json", "i"]], "names 'x' twice"),
         ([["coco_2017_train", "mine.json", "imgs"]], "'coco_2017_train' is already registered"),
     ],
@@ -62,10 +62,10 @@ def _opts(tmp_path, coco_files, train_json=None):
                ["mine_val", *coco_files["val"]]]  # fmt: skip
     return [
         "--num-gpus", "2", "--config-file", CONFIG,
-        "DATASETS.COCO_INSTANCES", json.dumps(entries),
+        "MEGDET.COCO_INSTANCES", json.dumps(entries),
         "DATASETS.TRAIN", '("mine_train",)', "DATASETS.TEST", '("mine_val",)',
         "SOLVER.MAX_ITER", "6", "SOLVER.STEPS", "(4,)", "SOLVER.WARMUP_ITERS", "2",
-        "SOLVER.CHECKPOINT_PERIOD", "100", "LOG_PERIOD", "1",
+        "SOLVER.CHECKPOINT_PERIOD", "100", "MEGDET.LOG_PERIOD", "1",
         "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "OUTPUT_DIR", str(tmp_path / "out"),
     ]  # fmt: skip
 

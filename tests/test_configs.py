@@ -101,7 +101,7 @@ def test_table3_rows(row):
     assert cfg.MODEL.RESNETS.DEPTH == 50 and cfg.MODEL.BACKBONE.NAME == "build_resnet_fpn_backbone"
     assert cfg.MODEL.RESNETS.NORM == ("FrozenBN" if bn == 0 else "CGBN")
     # paper: "When the BN size >= 32, the sublinear memory is applied"
-    assert cfg.MODEL.MEGDET.SUBLINEAR_MEMORY == (bn >= 32)
+    assert cfg.MEGDET.SUBLINEAR_MEMORY == (bn >= 32)
     assert cfg.SOLVER.BASE_LR == 0.02 and cfg.SOLVER.MEGDET.REFERENCE_BATCH_SIZE == 16
     # a valid launch for that row (the data and weight checks need COCO and are not run)
     check_group_size(cfg.MODEL.CGBN.GROUP_SIZE, gpus, per_machine)
@@ -176,3 +176,54 @@ def test_bn_size_of_other_norms():
     assert bn_size(cfg, 4, 2) == 4
     cfg.MODEL.RESNETS.NORM = "GN"
     assert bn_size(cfg, 4, 2) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Key layout: MODEL.CGBN (the layer), SOLVER.MEGDET (LR), MEGDET (the rest of a run); the
+# previous names still load for one release.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_new_key_layout():
+    from detectron2.config import get_cfg
+
+    from megdet_d2 import add_megdet_config
+
+    cfg = add_megdet_config(get_cfg())
+    keys = ["MODEL.CGBN.GROUP_SIZE", "SOLVER.MEGDET.SCHEDULE", "MEGDET.SUBLINEAR_MEMORY",
+            "MEGDET.LOG_PERIOD", "MEGDET.QUICKSTART.ROOT", "MEGDET.COCO_INSTANCES"]  # fmt: skip
+    for key in keys:
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+
+
+def test_deprecated_names_load_with_a_warning(tmp_path):
+    from detectron2.config import get_cfg
+
+    from megdet_d2 import ConfigError, add_megdet_config
+    from megdet_d2.config import check_upgraded
+    from megdet_d2.engine import merge_config
+
+    path = tmp_path / "old.yaml"
+    path.write_text("MODEL:\n  MEGDET:\n    SUBLINEAR_MEMORY: True\nDATASETS:\n  QUICKSTART:\n"
+                    "    NUM_TRAIN: 16\n")  # fmt: skip
+    cfg = add_megdet_config(get_cfg())
+    with pytest.warns(FutureWarning) as records:
+        sources = merge_config(cfg, str(path), ["LOG_PERIOD", "5"])
+    messages = sorted(str(r.message) for r in records)
+    assert len(messages) == 3 and all("is deprecated" in m for m in messages), messages
+    assert any("LOG_PERIOD is deprecated" in m and "use MEGDET.LOG_PERIOD" in m for m in messages)
+    assert cfg.MEGDET.LOG_PERIOD == 5 and cfg.MEGDET.SUBLINEAR_MEMORY is True
+    assert cfg.MEGDET.QUICKSTART.NUM_TRAIN == 16
+    assert cfg.LOG_PERIOD == 20 and "MEGDET.LOG_PERIOD" in sources  # old names reset, moved
+    check_upgraded(cfg)  # nothing left under an old name
+
+    both = add_megdet_config(get_cfg())
+    with pytest.raises(ConfigError, match="LOG_PERIOD=5 .deprecated. and MEGDET.LOG_PERIOD=7"):
+        merge_config(both, str(path), ["LOG_PERIOD", "5", "MEGDET.LOG_PERIOD", "7"])
+
+    unmerged = add_megdet_config(get_cfg())  # a project merging by itself, without upgrading
+    unmerged.merge_from_list(["LOG_PERIOD", "5"])
+    with pytest.raises(ConfigError, match="LOG_PERIOD is deprecated and not read any more"):
+        check_upgraded(unmerged)

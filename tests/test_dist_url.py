@@ -50,8 +50,8 @@ def test_taken_port_is_checked_where_it_is_listened_on(taken_port):
 def test_taken_port_ends_train_net_with_one_line(tmp_path, taken_port):
     url = f"tcp://127.0.0.1:{taken_port}"
     cmd = [sys.executable, "train_net.py", "--num-gpus", "2", "--dist-url", url,
-           "--config-file", CONFIG, "DATASETS.QUICKSTART.ROOT", str(tmp_path / "data"),
-           "DATASETS.QUICKSTART.NUM_TRAIN", "8", "DATASETS.QUICKSTART.NUM_VAL", "8",
+           "--config-file", CONFIG, "MEGDET.QUICKSTART.ROOT", str(tmp_path / "data"),
+           "MEGDET.QUICKSTART.NUM_TRAIN", "8", "MEGDET.QUICKSTART.NUM_VAL", "8",
            "OUTPUT_DIR", str(tmp_path / "out")]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 2, proc.stderr[-3000:]

@@ -22,8 +22,8 @@ def _val_dicts(tmp_path):
     cfg = get_cfg()
     add_megdet_config(cfg)
     cfg.DATASETS.TEST = (VAL_NAME,)
-    cfg.DATASETS.QUICKSTART.ROOT = str(tmp_path / "data")
-    cfg.DATASETS.QUICKSTART.NUM_VAL = 6
+    cfg.MEGDET.QUICKSTART.ROOT = str(tmp_path / "data")
+    cfg.MEGDET.QUICKSTART.NUM_VAL = 6
     register_quickstart_datasets(cfg)
     return DatasetCatalog.get(VAL_NAME)
 

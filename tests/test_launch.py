@@ -26,14 +26,14 @@ TIMEOUT_S = 240
 def few_iterations(tmp_path, batch, iters=3):
     """``iters`` iterations, no preset, no evaluation, no checkpoint but the final one."""
     return [
-        "DATASETS.QUICKSTART.ROOT", str(tmp_path / "data"),
-        "DATASETS.QUICKSTART.NUM_TRAIN", "8",
+        "MEGDET.QUICKSTART.ROOT", str(tmp_path / "data"),
+        "MEGDET.QUICKSTART.NUM_TRAIN", "8",
         "DATASETS.TEST", "()",
         "SOLVER.IMS_PER_BATCH", str(batch),
         "SOLVER.MAX_ITER", str(iters),
         "SOLVER.STEPS", "()",
         "SOLVER.WARMUP_ITERS", "1",
-        "LOG_PERIOD", "1",
+        "MEGDET.LOG_PERIOD", "1",
         "OUTPUT_DIR", str(tmp_path / "out"),
     ]  # fmt: skip
 

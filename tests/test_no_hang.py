@@ -65,9 +65,9 @@ def test_every_process_group_gets_the_run_timeout(tmp_path):
 def _job(tmp_path, name, launcher, *opts):
     """Start a quickstart training of 1000 iterations (it is stopped long before)."""
     cmd = [sys.executable, *launcher, "--config-file", CONFIG,
-           "DATASETS.QUICKSTART.ROOT", str(tmp_path / "data"), "DATASETS.QUICKSTART.NUM_TRAIN", "8",
+           "MEGDET.QUICKSTART.ROOT", str(tmp_path / "data"), "MEGDET.QUICKSTART.NUM_TRAIN", "8",
            "DATASETS.TEST", "()", "SOLVER.MAX_ITER", "1000", "SOLVER.STEPS", "()",
-           "SOLVER.WARMUP_ITERS", "1", "LOG_PERIOD", "1", "OUTPUT_DIR", str(tmp_path / name),
+           "SOLVER.WARMUP_ITERS", "1", "MEGDET.LOG_PERIOD", "1", "OUTPUT_DIR", str(tmp_path / name),
            "MEGDET.DIST_TIMEOUT_S", str(TIMEOUT_S), *opts]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     log = tmp_path / f"{name}.log"  # a file, not a pipe: nothing blocks on a full pipe

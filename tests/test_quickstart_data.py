@@ -83,9 +83,9 @@ def test_registered_through_detectron2(tmp_path):
     add_megdet_config(cfg)
     cfg.DATASETS.TRAIN = (TRAIN_NAME,)
     cfg.DATASETS.TEST = (VAL_NAME,)
-    cfg.DATASETS.QUICKSTART.ROOT = str(tmp_path)
-    cfg.DATASETS.QUICKSTART.NUM_TRAIN, cfg.DATASETS.QUICKSTART.NUM_VAL = 5, 3
-    cfg.DATASETS.QUICKSTART.IMAGE_SIZE = 64
+    cfg.MEGDET.QUICKSTART.ROOT = str(tmp_path)
+    cfg.MEGDET.QUICKSTART.NUM_TRAIN, cfg.MEGDET.QUICKSTART.NUM_VAL = 5, 3
+    cfg.MEGDET.QUICKSTART.IMAGE_SIZE = 64
     register_quickstart_datasets(cfg)
     dicts = DatasetCatalog.get(VAL_NAME)
     assert len(dicts) == 3 and os.path.isfile(dicts[0]["file_name"])

@@ -26,9 +26,10 @@ CONFIG = os.path.join(REPO, "configs", "quickstart", "shapes_R18_FPN.yaml")
 
 def _train_net(tmp_path, num_gpus, *opts):
     cmd = [sys.executable, "train_net.py", "--num-gpus", str(num_gpus), "--dist-url", "auto",
-           "--config-file", CONFIG, "DATASETS.QUICKSTART.ROOT", str(tmp_path / "data"),
-           "DATASETS.QUICKSTART.NUM_TRAIN", "8", "DATASETS.TEST", "()", "SOLVER.STEPS", "()",
-           "SOLVER.WARMUP_ITERS", "1", "LOG_PERIOD", "1", "OUTPUT_DIR", str(tmp_path / "out"),
+           "--config-file", CONFIG, "MEGDET.QUICKSTART.ROOT", str(tmp_path / "data"),
+           "MEGDET.QUICKSTART.NUM_TRAIN", "8", "DATASETS.TEST", "()", "SOLVER.STEPS", "()",
+           "SOLVER.WARMUP_ITERS", "1", "MEGDET.LOG_PERIOD", "1",
+           "OUTPUT_DIR", str(tmp_path / "out"),
            *opts]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     # output to a file: a pipe that is read only at the end fills up (64 KB) and blocks the job

@@ -21,10 +21,10 @@ TIMING = ("time", "data_time", "eta_seconds", "rank_data_time")
 def _opts(tmp_path, out):
     return [
         "--num-gpus", "2", "--config-file", CONFIG,
-        "DATASETS.QUICKSTART.ROOT", str(tmp_path / "data"),
-        "DATASETS.QUICKSTART.NUM_TRAIN", "11",
-        "DATASETS.QUICKSTART.IMAGE_SIZE", "96",
-        "DATASETS.QUICKSTART.ASPECT_RATIOS", "[0.75, 1.5]",  # portrait and landscape
+        "MEGDET.QUICKSTART.ROOT", str(tmp_path / "data"),
+        "MEGDET.QUICKSTART.NUM_TRAIN", "11",
+        "MEGDET.QUICKSTART.IMAGE_SIZE", "96",
+        "MEGDET.QUICKSTART.ASPECT_RATIOS", "[0.75, 1.5]",  # portrait and landscape
         "DATASETS.TEST", "()",
         "DATALOADER.NUM_WORKERS", "2",
         "DATALOADER.ASPECT_RATIO_GROUPING", "True",
@@ -34,7 +34,7 @@ def _opts(tmp_path, out):
         "SOLVER.STEPS", "(8,)",
         "SOLVER.WARMUP_ITERS", "3",
         "SOLVER.CHECKPOINT_PERIOD", str(CHECKPOINT_AT + 1),
-        "LOG_PERIOD", "1",
+        "MEGDET.LOG_PERIOD", "1",
         "OUTPUT_DIR", str(out),
     ]  # fmt: skip
 

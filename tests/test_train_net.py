@@ -41,16 +41,16 @@ def train_net(*args, expect_rc=0, env=None, timeout=400):
 def tiny_opts(tmp_path, *extra):
     """A few iterations on a few images of the quickstart data, logged every iteration."""
     return [
-        "DATASETS.QUICKSTART.ROOT", str(tmp_path / "data"),
-        "DATASETS.QUICKSTART.NUM_TRAIN", "8",
-        "DATASETS.QUICKSTART.NUM_VAL", "4",
+        "MEGDET.QUICKSTART.ROOT", str(tmp_path / "data"),
+        "MEGDET.QUICKSTART.NUM_TRAIN", "8",
+        "MEGDET.QUICKSTART.NUM_VAL", "4",
         "SOLVER.BASE_LR", str(R),
         "SOLVER.MEGDET.REFERENCE_BATCH_SIZE", "2",
         "SOLVER.MEGDET.SCHEDULE", "normal",
         "SOLVER.MEGDET.EVAL_PERIOD_EPOCHS", "0",  # evaluate once, at the end
         "SOLVER.MEGDET.CHECKPOINT_PERIOD_EPOCHS", "5",
         "SOLVER.WARMUP_ITERS", str(WARMUP),
-        "LOG_PERIOD", "1",
+        "MEGDET.LOG_PERIOD", "1",
         # an untrained model scores low: keep every detection so AP and AR are defined
         "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
         *extra,

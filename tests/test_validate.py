@@ -39,8 +39,8 @@ def config_error(capsys, data_root, *opts, num_gpus=2, flags=(), config=CONFIG):
     """Run the launcher's config step; return its one stderr line (asserting exit status 2)."""
     config_flag = ["--config-file", config] if config else []
     args = default_argument_parser().parse_args(
-        ["--num-gpus", str(num_gpus), *config_flag, *flags, "DATASETS.QUICKSTART.ROOT",
-         data_root, "DATASETS.QUICKSTART.NUM_TRAIN", "8", "DATASETS.QUICKSTART.NUM_VAL", "4",
+        ["--num-gpus", str(num_gpus), *config_flag, *flags, "MEGDET.QUICKSTART.ROOT",
+         data_root, "MEGDET.QUICKSTART.NUM_TRAIN", "8", "MEGDET.QUICKSTART.NUM_VAL", "4",
          *opts]
     )  # fmt: skip
     capsys.readouterr()
@@ -59,8 +59,8 @@ def config_error(capsys, data_root, *opts, num_gpus=2, flags=(), config=CONFIG):
 
 def test_valid_config_passes(data_root):
     args = default_argument_parser().parse_args(
-        ["--num-gpus", "2", "--config-file", CONFIG, "DATASETS.QUICKSTART.ROOT", data_root,
-         "DATASETS.QUICKSTART.NUM_TRAIN", "8", "DATASETS.QUICKSTART.NUM_VAL", "4"]
+        ["--num-gpus", "2", "--config-file", CONFIG, "MEGDET.QUICKSTART.ROOT", data_root,
+         "MEGDET.QUICKSTART.NUM_TRAIN", "8", "MEGDET.QUICKSTART.NUM_VAL", "4"]
     )  # fmt: skip
     cfg = train_net.load_config(args)
     assert cfg.MODEL.RESNETS.NORM == "CGBN" and cfg.is_frozen()
@@ -94,12 +94,14 @@ def test_valid_config_passes(data_root):
         # issue #12: each of these was a traceback (or a ZeroDivisionError) from every worker
         ([], 0, "--num-gpus=0 must be at least 1"),
         (["SOLVER.MAX_ITER"], 2, "SOLVER.MAX_ITER on the command line has no value; overrides"),
-        (["LOG_PERIOD", "1", "SOLVER.STEPS"], 2, "SOLVER.STEPS on the command line has no value"),
+        (["MEGDET.LOG_PERIOD", "1", "SOLVER.STEPS"], 2,
+         "SOLVER.STEPS on the command line has no value"),
         (["MODEL.ROI_HEADS.NUM_CLASES", "3"], 2, "MODEL.ROI_HEADS.NUM_CLASES on the command line "
          "is not a config key (did you mean ['MODEL.ROI_HEADS.NUM_CLASSES'"),
         (["SOLVER.MAX_ITER", "abc"], 2, "SOLVER.MAX_ITER=abc on the command line is of type str "
          "where int is expected"),
-        (["LOG_PERIOD", "0"], 2, "LOG_PERIOD=0 must be positive (iterations between metric "),
+        (["MEGDET.LOG_PERIOD", "0"], 2,
+         "MEGDET.LOG_PERIOD=0 must be positive (iterations between metric "),
         (["SOLVER.CHECKPOINT_PERIOD", "0"], 2, "SOLVER.CHECKPOINT_PERIOD=0 must be positive"),
         (["SOLVER.WARMUP_ITERS", "-5"], 2, "SOLVER.WARMUP_ITERS=-5 must be non-negative"),
         (["MEGDET.DIST_TIMEOUT_S", "0"], 2, "MEGDET.DIST_TIMEOUT_S=0 must be positive (seconds"),
@@ -109,9 +111,9 @@ def test_valid_config_passes(data_root):
         (["DATALOADER.NUM_WORKERS", "-1"], 2, "DATALOADER.NUM_WORKERS=-1 must be non-negative"),
         (["INPUT.MIN_SIZE_TRAIN", "(0,)"], 2, "INPUT.MIN_SIZE_TRAIN=(0,) must hold positive"),
         (["MODEL.DEVICE", "cpux"], 2, "MODEL.DEVICE='cpux' is not a device; use 'cpu' or 'cuda'"),
-        (["DATASETS.QUICKSTART.ROOT", "/sys/megdet_data"], 2, "DATASETS.QUICKSTART.ROOT="
+        (["MEGDET.QUICKSTART.ROOT", "/sys/megdet_data"], 2, "MEGDET.QUICKSTART.ROOT="
          "'/sys/megdet_data': the quickstart data cannot be written there ("),
-        (["DATASETS.QUICKSTART.NUM_TRAIN", "0"], 2, "DATASETS.QUICKSTART.NUM_TRAIN=0 must be at"),
+        (["MEGDET.QUICKSTART.NUM_TRAIN", "0"], 2, "MEGDET.QUICKSTART.NUM_TRAIN=0 must be at"),
         (["MODEL.ROI_HEADS.NAME", "StandardROIHead"], 2, "MODEL.ROI_HEADS.NAME='StandardROIHead' "
          "is not registered (did you mean ['StandardROIHeads'"),
         (["DATALOADER.SAMPLER_TRAIN", "Random"], 2, "DATALOADER.SAMPLER_TRAIN='Random' is not"),
@@ -177,7 +179,7 @@ def test_weights_are_not_checked_when_resume_finds_a_checkpoint(data_root, tmp_p
     (tmp_path / "last_checkpoint").write_text("model_0000009.pth")
     torch.save({"model": {}}, tmp_path / "model_0000009.pth")
     args = default_argument_parser().parse_args(
-        ["--num-gpus", "2", "--resume", "--config-file", CONFIG, "DATASETS.QUICKSTART.ROOT",
+        ["--num-gpus", "2", "--resume", "--config-file", CONFIG, "MEGDET.QUICKSTART.ROOT",
          data_root, "OUTPUT_DIR", str(tmp_path), "MODEL.WEIGHTS", "/no/such/model.pth",
          "MEGDET.ALLOW_PARTIAL_WEIGHTS", "True"]  # the empty checkpoint loads nothing
     )  # fmt: skip
@@ -197,8 +199,8 @@ def test_torchrun_layout_is_validated(capsys, data_root, monkeypatch):
 def _train_net_fails_fast(tmp_path, *opts, flags=("--num-gpus", "2", "--config-file", CONFIG)):
     """Real train_net.py: exit 2, one line, no traceback, no worker spawned, within seconds."""
     cmd = [sys.executable, os.path.join(REPO, "train_net.py"), *flags,
-           "DATASETS.QUICKSTART.ROOT", str(tmp_path / "data"),
-           "DATASETS.QUICKSTART.NUM_TRAIN", "8", "DATASETS.QUICKSTART.NUM_VAL", "4",
+           "MEGDET.QUICKSTART.ROOT", str(tmp_path / "data"),
+           "MEGDET.QUICKSTART.NUM_TRAIN", "8", "MEGDET.QUICKSTART.NUM_VAL", "4",
            "OUTPUT_DIR", str(tmp_path / "out"), *opts]  # fmt: skip
     start = time.monotonic()
     proc = psutil.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -244,7 +246,7 @@ def test_checkpoint_shapes_can_be_allowed_for_fine_tuning(data_root, tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"model": {"roi_heads.box_predictor.cls_score.weight": torch.zeros(6, 256)}}, path)
     args = default_argument_parser().parse_args(
-        ["--num-gpus", "2", "--config-file", CONFIG, "DATASETS.QUICKSTART.ROOT", data_root,
+        ["--num-gpus", "2", "--config-file", CONFIG, "MEGDET.QUICKSTART.ROOT", data_root,
          "MODEL.WEIGHTS", str(path), "MEGDET.STRICT_SHAPES", "False",
          "MEGDET.ALLOW_PARTIAL_WEIGHTS", "True"]  # it holds one tensor of the model
     )  # fmt: skip
@@ -316,8 +318,8 @@ def test_preset_replaces_values_of_the_file_that_chooses_it(data_root, tmp_path)
     text = f"_BASE_: {CONFIG}\nSOLVER:\n  MAX_ITER: 10\n  WARMUP_ITERS: 2\n  MEGDET:\n"
     config = _yaml(tmp_path, "same.yaml", text + "    SCHEDULE: normal\n")
     args = default_argument_parser().parse_args(
-        ["--num-gpus", "2", "--config-file", config, "DATASETS.QUICKSTART.ROOT", data_root,
-         "DATASETS.QUICKSTART.NUM_TRAIN", "8", "DATASETS.QUICKSTART.NUM_VAL", "4"]
+        ["--num-gpus", "2", "--config-file", config, "MEGDET.QUICKSTART.ROOT", data_root,
+         "MEGDET.QUICKSTART.NUM_TRAIN", "8", "MEGDET.QUICKSTART.NUM_VAL", "4"]
     )  # fmt: skip
     assert train_net.load_config(args).SOLVER.MAX_ITER == 22
 
@@ -430,7 +432,7 @@ def test_checkpoint_that_is_not_one_or_of_another_model(capsys, data_root, tmp_p
                               "model's ")  # fmt: skip
     assert "MEGDET.ALLOW_PARTIAL_WEIGHTS True" in message
     args = default_argument_parser().parse_args(
-        ["--config-file", CONFIG, "DATASETS.QUICKSTART.ROOT", data_root, "MODEL.WEIGHTS",
+        ["--config-file", CONFIG, "MEGDET.QUICKSTART.ROOT", data_root, "MODEL.WEIGHTS",
          str(torchvision), "MEGDET.ALLOW_PARTIAL_WEIGHTS", "True"]
     )  # fmt: skip
     train_net.load_config(args)  # asked for explicitly: allowed
@@ -499,11 +501,11 @@ def test_image_the_loader_cannot_read_ends_the_job_with_one_line(tmp_path):
         "auto",
         "--config-file",
         CONFIG,
-        "DATASETS.QUICKSTART.ROOT",
+        "MEGDET.QUICKSTART.ROOT",
         str(tmp_path / "data"),
-        "DATASETS.QUICKSTART.NUM_TRAIN",
+        "MEGDET.QUICKSTART.NUM_TRAIN",
         "8",
-        "DATASETS.QUICKSTART.NUM_VAL",
+        "MEGDET.QUICKSTART.NUM_VAL",
         "4",
         "SOLVER.MAX_ITER",
         "2",  # = all 8 images
@@ -530,11 +532,11 @@ def test_torchrun_prints_a_config_error_once(tmp_path):
     names the same line as root cause, read from the worker's error file."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            os.path.join(REPO, "train_net.py"), "--config-file", CONFIG,
-           "DATASETS.QUICKSTART.ROOT", str(tmp_path / "data"), "DATASETS.QUICKSTART.NUM_TRAIN",
-           "8", "DATASETS.QUICKSTART.NUM_VAL", "4", "LOG_PERIOD", "0"]  # fmt: skip
+           "MEGDET.QUICKSTART.ROOT", str(tmp_path / "data"), "MEGDET.QUICKSTART.NUM_TRAIN",
+           "8", "MEGDET.QUICKSTART.NUM_VAL", "4", "MEGDET.LOG_PERIOD", "0"]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
-    line = "Config error: LOG_PERIOD=0 must be positive (iterations between metric writes)"
+    line = "Config error: MEGDET.LOG_PERIOD=0 must be positive (iterations between metric writes)"
     assert proc.returncode != 0
     printed = [x for x in proc.stderr.splitlines() if x.startswith("Config error: ")]
     assert len(printed) == 1 and printed[0].startswith(line), proc.stderr[-3000:]

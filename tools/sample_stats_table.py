@@ -4,7 +4,7 @@
 Reads ``metrics.json`` (the ``sample_stats/*`` sums written by ``SampleStatsHook``, i.e. the
 whole mini-batch over all processes) and ``config.yaml`` of each output directory. The ratio at
 epoch e is sum(positives) / sum(negatives) over the logged iterations of epoch e (every
-iteration with ``LOG_PERIOD: 1``, otherwise every LOG_PERIOD-th), in percent.
+iteration with ``MEGDET.LOG_PERIOD: 1``, otherwise every MEGDET.LOG_PERIOD-th), in percent.
 
     python tools/sample_stats_table.py output/b16 output/b256 --epochs 1 6 12
 

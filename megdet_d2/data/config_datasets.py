@@ -1,6 +1,6 @@
 """The user's own COCO-format datasets, named in the config instead of registered in Python.
 
-``DATASETS.COCO_INSTANCES`` lists ``[name, json file, image folder]`` triples;
+``MEGDET.COCO_INSTANCES`` lists ``[name, json file, image folder]`` triples;
 :func:`register_config_datasets` registers each with detectron2's ``register_coco_instances``
 in every process (the dataset catalog is per process), so ``DATASETS.TRAIN`` / ``TEST`` can name
 them like any builtin dataset. The start-up checks then read each json once (paths, ids,
@@ -16,14 +16,14 @@ from ..errors import ConfigError
 
 __all__ = ["register_config_datasets"]
 
-_KEY = "DATASETS.COCO_INSTANCES"
+_KEY = "MEGDET.COCO_INSTANCES"
 _EXAMPLE = '[["my_train", "data/train.json", "data/images"]]'
 
 
 def _entries(cfg):
-    """The triples of ``DATASETS.COCO_INSTANCES``, checked for shape and names."""
+    """The triples of ``MEGDET.COCO_INSTANCES``, checked for shape and names."""
     entries, names = [], set()
-    for i, entry in enumerate(cfg.DATASETS.COCO_INSTANCES):
+    for i, entry in enumerate(cfg.MEGDET.COCO_INSTANCES):
         if (
             not isinstance(entry, (list, tuple))
             or len(entry) != 3
@@ -42,7 +42,7 @@ def _entries(cfg):
 
 
 def register_config_datasets(cfg):
-    """Register every ``DATASETS.COCO_INSTANCES`` entry (idempotent); returns their names.
+    """Register every ``MEGDET.COCO_INSTANCES`` entry (idempotent); returns their names.
 
     A name already registered by someone else (a builtin such as ``coco_2017_train``, or another
     json) is an error naming it; re-registering the same json is a no-op.

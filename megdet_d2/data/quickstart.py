@@ -17,6 +17,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from PIL import Image, ImageDraw
 
+from ..config import check_upgraded
 from ..errors import ConfigError
 
 __all__ = [
@@ -171,11 +172,12 @@ def register_quickstart_datasets(cfg):
     used = set(cfg.DATASETS.TRAIN) | set(cfg.DATASETS.TEST)
     if not used & {TRAIN_NAME, VAL_NAME}:
         return
-    q = cfg.DATASETS.QUICKSTART
+    check_upgraded(cfg)  # a DATASETS.QUICKSTART.* value must not be ignored silently
+    q = cfg.MEGDET.QUICKSTART
     for key, minimum in (("NUM_TRAIN", 1), ("NUM_VAL", 1), ("IMAGE_SIZE", 32)):
         if q[key] < minimum:
             raise ConfigError(
-                f"DATASETS.QUICKSTART.{key}={q[key]} must be at least {minimum}; set e.g. "
+                f"MEGDET.QUICKSTART.{key}={q[key]} must be at least {minimum}; set e.g. "
                 f"{minimum if key != 'IMAGE_SIZE' else 128}"
             )
     try:
@@ -184,7 +186,7 @@ def register_quickstart_datasets(cfg):
         )
     except OSError as e:
         raise ConfigError(
-            f"DATASETS.QUICKSTART.ROOT={q.ROOT!r}: the quickstart data cannot be written there "
+            f"MEGDET.QUICKSTART.ROOT={q.ROOT!r}: the quickstart data cannot be written there "
             f"({e.strerror}: {e.filename}); choose a folder you can write to"
         ) from None
     for name, (json_file, image_root) in paths.items():

@@ -14,6 +14,7 @@ import re
 
 import yaml
 
+from ..config import upgrade_config
 from ..errors import ConfigError
 
 __all__ = ["COMMAND_LINE", "config_keys", "merge_config", "set_after", "yaml_chain"]
@@ -171,6 +172,9 @@ def merge_config(cfg, config_file, opts):
         except (KeyError, ValueError, AssertionError, TypeError) as e:
             raise _merge_error(cfg, e, COMMAND_LINE) from None
         sources[key] = (len(chain), COMMAND_LINE)
+    for old, new in upgrade_config(cfg).items():  # deprecated names, with a FutureWarning
+        for key in [k for k in sources if k == old]:
+            sources[new] = sources.pop(key)
     return sources
 
 

@@ -4,7 +4,7 @@ Detectron2's ``create_ddp_model`` always passes ``device_ids=[local_rank]``, whi
 ``DistributedDataParallel`` rejects for CPU modules, so ``DefaultTrainer`` cannot train with
 several CPU (gloo) processes. ``create_ddp_model`` here leaves ``device_ids`` unset for CPU models
 and defers to detectron2 otherwise. ``MegDetTrainer`` uses it, and writes metrics every
-``cfg.LOG_PERIOD`` iterations, with the Table 1 sample statistics (``MEGDET.SAMPLE_STATS``).
+``cfg.MEGDET.LOG_PERIOD`` iterations, with the Table 1 sample statistics (``MEGDET.SAMPLE_STATS``).
 
 For long runs it also: saves checkpoints atomically and refuses ones whose shapes do not fit
 (``MegDetCheckpointer``) or that load under half of the model; on ``--resume`` continues the
@@ -46,6 +46,7 @@ from detectron2.utils.events import (
 )
 from detectron2.utils.file_io import PathManager
 
+from ..config import check_upgraded
 from ..data import ResumableBatchSampler, build_resumable_train_loader
 from ..errors import ConfigError
 from ..utils.seeds import derived_seed
@@ -164,9 +165,10 @@ _ITERATION_KEY = 1  # derived_seed(SEED, rank, 1, iteration): an iteration's dra
 
 class MegDetTrainer(DefaultTrainer):
     """``DefaultTrainer`` whose model wrapping also works for CPU models (gloo), and which
-    writes metrics every ``cfg.LOG_PERIOD`` iterations."""
+    writes metrics every ``cfg.MEGDET.LOG_PERIOD`` iterations."""
 
     def __init__(self, cfg):
+        check_upgraded(cfg)  # a deprecated key (e.g. LOG_PERIOD) must not be ignored silently
         checkpointer = functools.partial(
             MegDetCheckpointer,
             strict_shapes=cfg.MEGDET.STRICT_SHAPES,
@@ -250,13 +252,15 @@ class MegDetTrainer(DefaultTrainer):
 
     def build_writers(self):
         """Detectron2's writers, but each metrics.json record is the median over its own
-        ``LOG_PERIOD`` iterations (detectron2: over the last 20), so with ``LOG_PERIOD 1`` it
+        ``MEGDET.LOG_PERIOD`` iterations (detectron2: over the last 20), so with
+        ``MEGDET.LOG_PERIOD 1`` it
         holds every iteration's values (a resumed run's records then equal the full run's)."""
         PathManager.mkdirs(self.cfg.OUTPUT_DIR)
         self._megdet_writers = [
             CommonMetricPrinter(self.max_iter),
             MegDetJSONWriter(
-                os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"), window_size=self.cfg.LOG_PERIOD
+                os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"),
+                window_size=self.cfg.MEGDET.LOG_PERIOD,
             ),
             TensorboardXWriter(self.cfg.OUTPUT_DIR),
         ]
@@ -265,10 +269,10 @@ class MegDetTrainer(DefaultTrainer):
     def build_hooks(self):
         ret = super().build_hooks()
         # DefaultTrainer hard-codes a PeriodicWriter of period 20: the same writers (made once,
-        # by build_writers), every LOG_PERIOD iterations instead.
+        # by build_writers), every MEGDET.LOG_PERIOD iterations instead.
         ret = [
             (
-                hooks.PeriodicWriter(self._megdet_writers, period=self.cfg.LOG_PERIOD)
+                hooks.PeriodicWriter(self._megdet_writers, period=self.cfg.MEGDET.LOG_PERIOD)
                 if isinstance(hook, hooks.PeriodicWriter)
                 else hook
             )

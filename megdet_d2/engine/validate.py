@@ -119,7 +119,7 @@ def check_launch_args(num_gpus, num_machines=1, machine_rank=0, dist_url="auto")
 # Numeric keys with a lower bound: (key, bound, strict, training only, meaning); the meaning
 # goes into the message. Keys of the wrong type are already refused by yacs when merging.
 _BOUNDS = (
-    ("LOG_PERIOD", 0, True, True, "iterations between metric writes"),
+    ("MEGDET.LOG_PERIOD", 0, True, True, "iterations between metric writes"),
     ("SOLVER.MAX_ITER", 0, True, True, "training iterations"),
     ("SOLVER.CHECKPOINT_PERIOD", 0, True, True, "iterations between checkpoints"),
     ("SOLVER.WARMUP_ITERS", 0, False, True, "warmup iterations; 0 = no warmup"),
@@ -156,7 +156,7 @@ def _get(cfg, key):
 
 
 def check_values(cfg, training=True):
-    """Numeric keys are in range, e.g. ``LOG_PERIOD`` > 0, ``SOLVER.WARMUP_ITERS`` >= 0 (a
+    """Numeric keys are in range, e.g. ``MEGDET.LOG_PERIOD`` > 0, ``SOLVER.WARMUP_ITERS`` >= 0 (a
     0 or negative value otherwise fails later with a ZeroDivisionError, or trains wrongly)."""
     for key, bound, strict, train_only, meaning in _BOUNDS:
         if train_only and not training:
