@@ -37,6 +37,7 @@ from megdet_d2.engine import (
     merge_config,
     process_layout,
     resolve_dist_url,
+    resolve_run_seed,
     set_after,
     set_cpu_threads,
     setup_cgbn_groups,
@@ -101,6 +102,7 @@ def setup(args, cfg=None):
     else:
         register_config_datasets(cfg)  # the dataset catalog is per process
         register_quickstart_datasets(cfg)
+    resolve_run_seed(cfg, args.resume)  # SEED -1: one seed for the run, reused by --resume
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="megdet_d2")
     if not args.eval_only and schedule_summary(cfg):

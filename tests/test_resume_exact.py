@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from megdet_d2.utils import read_metrics
+from megdet_d2.utils import read_config, read_metrics
 from tests.test_train_net import CONFIG, REPO, train_net
 
 MAX_ITER, CHECKPOINT_AT = 12, 4  # 11 images, batch 4: iteration 4 ends mid-epoch
@@ -44,11 +44,11 @@ def _complete_lines(path):
     return path.read_text().count("\n") if path.exists() else 0
 
 
-def _kill_after_checkpoint(tmp_path, out, logged):
+def _kill_after_checkpoint(tmp_path, out, logged, *extra):
     """Start training, SIGKILL its process group once ``logged`` iterations are in
     metrics.json, after the checkpoint of iteration ``CHECKPOINT_AT``."""
     cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--dist-url", "auto",
-           *_opts(tmp_path, out)]  # fmt: skip
+           *_opts(tmp_path, out), *extra]  # fmt: skip
     proc = subprocess.Popen(
         cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
@@ -70,11 +70,15 @@ def _kill_after_checkpoint(tmp_path, out, logged):
 
 
 def test_resume_after_a_kill_is_bit_exact_with_grouping_workers_and_augmentation(tmp_path):
-    full = tmp_path / "full"
-    train_net(*_opts(tmp_path, full))
+    # SEED -1 as in the paper configs: the killed run records the seed it drew in config.yaml,
+    # --resume reuses it; the uninterrupted run is given that seed explicitly
     killed = tmp_path / "killed"
-    _kill_after_checkpoint(tmp_path, killed, logged=CHECKPOINT_AT + 3)
-    proc = train_net("--resume", *_opts(tmp_path, killed))
+    _kill_after_checkpoint(tmp_path, killed, CHECKPOINT_AT + 3, "SEED", "-1")
+    seed = read_config(killed)["SEED"]
+    assert isinstance(seed, int) and seed >= 0, seed
+    full = tmp_path / "full"
+    train_net(*_opts(tmp_path, full), "SEED", str(seed))
+    proc = train_net("--resume", *_opts(tmp_path, killed), "SEED", "-1")
     assert f"Starting training from iteration {CHECKPOINT_AT + 1}" in proc.stdout + proc.stderr
 
     # both orientations, so the aspect-ratio grouping holds images back

@@ -5,6 +5,7 @@ from .hooks import SAMPLE_STATS_KEYS, SampleStatsHook
 from .launch import launch, launched_by_torchrun, process_layout
 from .layout import bn_size, check_written_for, setup_cgbn_groups
 from .process_groups import init_process_groups
+from .seed import resolve_run_seed
 from .supervise import JobFailed
 from .threads import set_cpu_threads
 from .trainer import MegDetJSONWriter, MegDetTrainer, NamedImageErrors, create_ddp_model
@@ -42,6 +43,7 @@ __all__ = [
     "remove_stale_temporaries",
     "set_after",
     "resolve_dist_url",
+    "resolve_run_seed",
     "set_cpu_threads",
     "setup_cgbn_groups",
 ]
