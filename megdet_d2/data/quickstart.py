@@ -174,6 +174,11 @@ def register_quickstart_datasets(cfg):
         return
     check_upgraded(cfg)  # a DATASETS.QUICKSTART.* value must not be ignored silently
     q = cfg.MEGDET.QUICKSTART
+    if not q.ASPECT_RATIOS or any(not r > 0 for r in q.ASPECT_RATIOS):
+        raise ConfigError(
+            f"MEGDET.QUICKSTART.ASPECT_RATIOS={list(q.ASPECT_RATIOS)} must be a non-empty list of "
+            "widths / heights > 0; e.g. [1.0] (squares) or [0.75, 1.5]"
+        )
     for key, minimum in (("NUM_TRAIN", 1), ("NUM_VAL", 1), ("IMAGE_SIZE", 32)):
         if q[key] < minimum:
             raise ConfigError(

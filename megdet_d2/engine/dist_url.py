@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 from detectron2.engine import default_argument_parser
 
+from ..errors import ConfigError
 from .launch import launched_by_torchrun
 
 __all__ = ["resolve_dist_url"]
@@ -29,7 +30,7 @@ def resolve_dist_url(dist_url, num_gpus_per_machine, num_machines=1, machine_ran
         port = urlsplit(dist_url).port
         if port and _in_use(port):
             hint = " (or leave --dist-url out to use a free one)" if num_machines == 1 else ""
-            raise ValueError(
+            raise ConfigError(
                 f"--dist-url {dist_url}: port {port} is in use; another job or a leftover "
                 f"process holds it: give a free port{hint}"
             )

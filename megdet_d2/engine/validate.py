@@ -521,14 +521,14 @@ def _report(line):
 
 
 @contextlib.contextmanager
-def exit_on_config_error(catch=ValueError, every_process=True):
+def exit_on_config_error(catch=ConfigError, every_process=True):
     """Turn a config error into ``Config error: <one line>`` on stderr and exit status 2, with
     no traceback.
 
     Args:
-        catch: the exceptions meaning a config fault: ``ValueError`` around the launcher's
-            checks (nothing else runs there), ``ConfigError`` around training (where any other
-            exception is a bug whose traceback is wanted).
+        catch: the exceptions meaning a config fault: ``ConfigError`` only, so that a genuine
+            bug (any other exception) keeps its traceback and is never dressed as a config
+            error.
         every_process: every process of the machine runs this same block (the launcher's
             checks run in each torchrun worker): only local rank 0 prints, the others exit
             with the same status silently. False: the failing process prints (a fault only it
