@@ -28,9 +28,8 @@ import math
 import os
 import subprocess
 import sys
-import time
 
-from megdet_d2.utils import read_metrics
+from megdet_d2.utils import read_metrics, run_training_commands
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "quickstart", "shapes_R18_FPN.yaml")
@@ -137,20 +136,12 @@ def table(args, results):
 def main(argv=None):
     args = parse_args(argv)
     commands = {v: train_command(args, v) for v in args.variants}
+    runs = run_training_commands(commands, args.out_dir, REPO, dry_run=args.dry_run)
     if args.dry_run:
-        for cmd in commands.values():
-            print(" ".join(cmd))
         return commands
-    results = {}
-    for variant, cmd in commands.items():
-        run_dir = os.path.join(args.out_dir, variant)
-        os.makedirs(run_dir, exist_ok=True)
-        print(f"== {variant}: {' '.join(cmd)}", flush=True)
-        start = time.monotonic()
-        with open(os.path.join(run_dir, "train.log"), "w") as log:
-            rc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
-        results[variant] = (summarize(run_dir), time.monotonic() - start, rc)
-        print(f"   exit {rc} after {results[variant][1]:.0f} s", flush=True)
+    results = {
+        v: (summarize(os.path.join(args.out_dir, v)), wall, rc) for v, (rc, wall) in runs.items()
+    }
     text = table(args, results)
     print("\n" + text)
     with open(os.path.join(args.out_dir, "table.md"), "w") as f:

@@ -23,7 +23,7 @@ import os
 import subprocess
 import sys
 
-from megdet_d2.utils import read_metrics
+from megdet_d2.utils import read_metrics, run_training_commands
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "quickstart", "shapes_R18_FPN.yaml")
@@ -78,17 +78,9 @@ def final_ap(run_dir):
 def main(argv=None):
     args = parse_args(argv)
     commands = {v: train_command(args, v) for v in args.variants}
+    status = run_training_commands(commands, args.out_dir, REPO, dry_run=args.dry_run)
     if args.dry_run:
-        for cmd in commands.values():
-            print(" ".join(cmd))
         return commands
-    status = {}
-    for variant, cmd in commands.items():
-        run_dir = os.path.join(args.out_dir, variant)
-        os.makedirs(run_dir, exist_ok=True)
-        print(f"== {variant}: {' '.join(cmd)}", flush=True)
-        with open(os.path.join(run_dir, "train.log"), "w") as log:
-            status[variant] = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     ipe = math.ceil(NUM_TRAIN / IMS_PER_BATCH)
     print("\n| run | BN size | final box AP | exit status |\n|---|---|---|---|")
     done = []
@@ -96,7 +88,7 @@ def main(argv=None):
         run_dir = os.path.join(args.out_dir, variant)
         ap = final_ap(run_dir)
         desc, bn, _ = VARIANTS[variant]
-        rc = status[variant].returncode
+        rc = status[variant][0]
         print(f"| {variant}: {desc} | {bn} | {'failed' if ap is None else f'{ap:.1f}'} | {rc} |")
         if ap is not None:
             done.append(run_dir)
