@@ -13,6 +13,7 @@ Keys of the previous layout (``LOG_PERIOD``, ``MODEL.MEGDET.SUBLINEAR_MEMORY``,
 their new names with a ``FutureWarning`` (``train_net.py`` calls it after merging).
 """
 
+import functools
 import warnings
 
 import torch
@@ -20,7 +21,15 @@ from detectron2.config import CfgNode as CN
 
 from .errors import ConfigError
 
-__all__ = ["DEPRECATED_KEYS", "add_megdet_config", "check_upgraded", "upgrade_config"]
+__all__ = [
+    "DEPRECATED_KEYS",
+    "add_megdet_config",
+    "check_upgraded",
+    "config_value",
+    "default_config",
+    "set_config_value",
+    "upgrade_config",
+]
 
 _QUICKSTART_KEYS = ("ROOT", "NUM_TRAIN", "NUM_VAL", "IMAGE_SIZE", "ASPECT_RATIOS", "SEED")
 # old name -> new name; the old names are removed in the next release.
@@ -164,22 +173,20 @@ def add_megdet_config(cfg):
     return cfg
 
 
-def _get(cfg, key):
-    node = cfg
-    for part in key.split("."):
-        node = node[part]
-    return node
+def config_value(cfg, key):
+    """The value of dotted ``key`` (e.g. ``"SOLVER.MAX_ITER"``) in ``cfg``."""
+    return functools.reduce(getattr, key.split("."), cfg)
 
 
-def _set(cfg, key, value):
+def set_config_value(cfg, key, value):
+    """Set dotted ``key`` in ``cfg`` (raises on a frozen config, as ``setattr`` does)."""
     *parents, leaf = key.split(".")
-    node = cfg
-    for part in parents:
-        node = node[part]
-    node[leaf] = value
+    setattr(functools.reduce(getattr, parents, cfg), leaf, value)
 
 
-def _defaults():
+@functools.lru_cache(maxsize=1)
+def default_config():
+    """detectron2's defaults + MegDet's keys, made once; read it, never change it."""
     from detectron2.config import get_cfg
 
     return add_megdet_config(get_cfg())
@@ -193,19 +200,19 @@ def upgrade_config(cfg):
     Returns:
         the ``{old: new}`` names that were moved.
     """
-    defaults, moved = _defaults(), {}
+    defaults, moved = default_config(), {}
     for old, new in DEPRECATED_KEYS.items():
-        value, default = _get(cfg, old), _get(defaults, old)
+        value, default = config_value(cfg, old), config_value(defaults, old)
         if value == default:
             continue
-        current = _get(cfg, new)
-        if current != _get(defaults, new) and current != value:
+        current = config_value(cfg, new)
+        if current != config_value(defaults, new) and current != value:
             raise ConfigError(
                 f"{old}={value!r} (deprecated) and {new}={current!r} are both set; keep only "
                 f"{new}"
             )
-        _set(cfg, new, value)
-        _set(cfg, old, default)
+        set_config_value(cfg, new, value)
+        set_config_value(cfg, old, default)
         moved[old] = new
         warnings.warn(
             f"config key {old} is deprecated and will be removed in the next release; use {new} "
@@ -219,9 +226,9 @@ def upgrade_config(cfg):
 def check_upgraded(cfg):
     """A ``ConfigError`` if a deprecated name still holds a value (``upgrade_config`` was not
     called after merging): it would otherwise be ignored silently."""
-    defaults = _defaults()
+    defaults = default_config()
     for old, new in DEPRECATED_KEYS.items():
-        if _get(cfg, old) != _get(defaults, old):
+        if config_value(cfg, old) != config_value(defaults, old):
             raise ConfigError(
                 f"{old} is deprecated and not read any more; use {new}, or call "
                 "megdet_d2.upgrade_config(cfg) after merging your config"

@@ -14,7 +14,6 @@ then stops the others and ends with status 2 and no traceback of its own.
 
 import contextlib
 import difflib
-import functools
 import json
 import logging
 import os
@@ -24,12 +23,11 @@ import time
 import warnings
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from torch import nn
 
-from ..config import add_megdet_config
+from ..config import config_value, default_config
 from ..data.coco_check import check_coco_dataset
 from ..errors import CONFIG_ERROR_EXIT_CODE, ConfigError
 from ..layers import known_norm_names
@@ -144,34 +142,23 @@ _BOUNDS = (
 )
 
 
-@functools.lru_cache(maxsize=1)
-def _defaults():
-    cfg = get_cfg()
-    add_megdet_config(cfg)
-    return cfg
-
-
-def _get(cfg, key):
-    return functools.reduce(getattr, key.split("."), cfg)
-
-
 def check_values(cfg, training=True):
     """Numeric keys are in range, e.g. ``MEGDET.LOG_PERIOD`` > 0, ``SOLVER.WARMUP_ITERS`` >= 0 (a
     0 or negative value otherwise fails later with a ZeroDivisionError, or trains wrongly)."""
     for key, bound, strict, train_only, meaning in _BOUNDS:
         if train_only and not training:
             continue
-        value = _get(cfg, key)
+        value = config_value(cfg, key)
         if value < bound or (strict and value == bound):
             raise ConfigError(
                 f"{key}={value!r} must be {'positive' if strict else 'non-negative'} "
-                f"({meaning}); set e.g. the default {_get(_defaults(), key)!r}"
+                f"({meaning}); set e.g. the default {config_value(default_config(), key)!r}"
             )
     sizes = cfg.INPUT.MIN_SIZE_TRAIN
     if training and (not sizes or any(size <= 0 for size in sizes)):
         raise ConfigError(
             f"INPUT.MIN_SIZE_TRAIN={tuple(sizes)!r} must hold positive sizes (shortest image "
-            f"side in training, pixels); set e.g. {tuple(_defaults().INPUT.MIN_SIZE_TRAIN)!r}"
+            f"side in training, pixels); set e.g. {tuple(default_config().INPUT.MIN_SIZE_TRAIN)!r}"
         )
 
 
@@ -250,7 +237,7 @@ def check_names(cfg, training=True):
     """Every component name (meta-architecture, backbone, heads, ...) is registered, and the
     training sampler is one detectron2 builds (else a KeyError / ValueError in every worker)."""
     for key, registry in _registries(cfg):
-        name = _get(cfg, key)
+        name = config_value(cfg, key)
         if name not in registry:
             known = sorted(n for n, _ in registry)
             close = difflib.get_close_matches(name, known, n=3)
@@ -398,7 +385,7 @@ def check_num_classes(cfg, training=True):
     key = _NUM_CLASSES_KEYS.get(cfg.MODEL.META_ARCHITECTURE)
     if key is None:
         return
-    num_classes = _get(cfg, key)
+    num_classes = config_value(cfg, key)
     if num_classes <= 0:
         raise ConfigError(f"{key}={num_classes} must be positive (object classes)")
     for dataset_key, name in _dataset_names(cfg, training):

@@ -14,6 +14,7 @@ from typing import Any, Dict, Tuple
 from detectron2.data import get_detection_dataset_dicts
 from fvcore.common.registry import Registry
 
+from ..config import config_value, set_config_value
 from ..errors import ConfigError
 from .batch import check_ims_per_batch
 
@@ -240,14 +241,8 @@ def apply_schedule_preset(cfg, explicit=None) -> Dict[str, Any]:
         "TEST.EVAL_PERIOD": derived["eval_period"],
         "SOLVER.CHECKPOINT_PERIOD": derived["checkpoint_period"],
     }
-    nodes = {}
     for key, value in updates.items():
-        *parents, leaf = key.split(".")
-        node = cfg
-        for p in parents:
-            node = node[p]
-        nodes[key] = (node, leaf)
-        old = node[leaf]
+        old = config_value(cfg, key)
         if key in (explicit or {}) and key in _PROTECTED and not _same(old, value):
             raise ConfigError(
                 f"{key}={old!r} is set {explicit[key]}, but SOLVER.MEGDET.SCHEDULE={name!r} "
@@ -256,10 +251,10 @@ def apply_schedule_preset(cfg, explicit=None) -> Dict[str, Any]:
                 f"to use the preset, or {_PROTECTED[key]}"
             )
     for key, value in updates.items():
-        node, leaf = nodes[key]
-        if not _same(node[leaf], value):
-            logger.info(f"Schedule preset {name!r}: {key} {node[leaf]} -> {value}")
-        setattr(node, leaf, value)  # raises on a frozen cfg
+        old = config_value(cfg, key)
+        if not _same(old, value):
+            logger.info(f"Schedule preset {name!r}: {key} {old} -> {value}")
+        set_config_value(cfg, key, value)  # raises on a frozen cfg
     logger.info(f"Schedule preset {name!r} derived: {derived}")
     return derived
 
