@@ -224,15 +224,15 @@ class MegDetTrainer(DefaultTrainer):
     def _drop_metrics_from(self, iteration):
         """A run starting at ``iteration`` logs it and every later one: remove what an earlier
         (killed, or other) run in this OUTPUT_DIR logged for them, so each appears once."""
-        for hook in self._hooks:
-            for writer in getattr(hook, "_writers", ()):
-                if isinstance(writer, MegDetJSONWriter):
-                    dropped = writer.drop_from(iteration)
-                    if dropped:
-                        logging.getLogger(__name__).info(
-                            f"metrics.json: removed {dropped} records of iterations >= "
-                            f"{iteration} written by an earlier run (this run logs them)"
-                        )
+        # build_writers made them (on the main process only: the others write no metrics)
+        for writer in getattr(self, "_megdet_writers", ()):
+            if isinstance(writer, MegDetJSONWriter):
+                dropped = writer.drop_from(iteration)
+                if dropped:
+                    logging.getLogger(__name__).info(
+                        f"metrics.json: removed {dropped} records of iterations >= "
+                        f"{iteration} written by an earlier run (this run logs them)"
+                    )
 
     def run_step(self):
         # With a fixed SEED, every random draw of an iteration outside data loading (RPN / ROI
@@ -253,8 +253,8 @@ class MegDetTrainer(DefaultTrainer):
     def build_writers(self):
         """Detectron2's writers, but each metrics.json record is the median over its own
         ``MEGDET.LOG_PERIOD`` iterations (detectron2: over the last 20), so with
-        ``MEGDET.LOG_PERIOD 1`` it
-        holds every iteration's values (a resumed run's records then equal the full run's)."""
+        ``MEGDET.LOG_PERIOD 1`` it holds every iteration's values (a resumed run's records then
+        equal the full run's)."""
         PathManager.mkdirs(self.cfg.OUTPUT_DIR)
         self._megdet_writers = [
             CommonMetricPrinter(self.max_iter),
