@@ -35,6 +35,7 @@ CASES = {
     "untracked_fp16": dict(ns=[2, 1], track=False, dtype=F16),
     "untracked_bf16": dict(ns=[2, 1], track=False, dtype=BF16),
     "channels_last": dict(ns=[2, 1], channels_last=True),
+    "strided_input": dict(ns=[2, 1], strided=True),
     "fp16_input": dict(ns=[2, 1], dtype=F16),
     "bf16_input": dict(ns=[2, 1], dtype=BF16),
     "fp16_channels_last": dict(ns=[1, 2], dtype=F16, channels_last=True),

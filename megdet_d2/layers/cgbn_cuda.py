@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from ..modeling.statistics_tape import forward_collective
-from .cgbn_common import as_layout_of, check_total, contiguous, stat_dtype
+from .cgbn_common import as_layout_of, check_total, stat_dtype
 
 __all__ = ["TORCH_KERNELS", "backward", "forward", "takes", "use_kernels"]
 
@@ -103,7 +103,6 @@ def _param(t, x, acc):
 def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked, eps, momentum,
             group):  # fmt: skip
     kernels = _kernels()
-    x = contiguous(x)
     num_channels = x.shape[1]
     count = x.numel() // num_channels if num_channels else 0  # host-side: no sync
     acc = stat_dtype(x)

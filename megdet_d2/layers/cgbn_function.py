@@ -21,6 +21,7 @@ import contextlib
 import torch
 
 from . import cgbn_cpu, cgbn_cuda
+from .cgbn_common import contiguous
 
 __all__ = ["CGBNFunction"]
 
@@ -38,6 +39,7 @@ class CGBNFunction(torch.autograd.Function):
     def forward(
         ctx, x, weight, bias, running_mean, running_var, num_batches_tracked, eps, momentum, group
     ):
+        x = contiguous(x)  # NCHW or channels_last, as both halves' kernels expect
         half = cgbn_cuda if cgbn_cuda.takes(x) else cgbn_cpu
         ctx.half = half
         with _no_autocast(x.device.type):  # statistics in fp32 whatever autocast says

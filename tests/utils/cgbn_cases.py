@@ -108,12 +108,14 @@ def _seq(group):
 def run_case(rank, ranks, ns, seed=0, path="cpu", device="cpu", group=None, direct=False,
              steps=1, momentum=0.1, affine=True, track=True, dtype=torch.float64,
              module_dtype=None, channels_last=False, mean=0.0, std=1.0, c=3, hw=(5, 4),
-             autocast=None, x_grad=True, frozen_affine=False, replay=False):  # fmt: skip
+             autocast=None, x_grad=True, frozen_affine=False, replay=False,
+             strided=False):  # fmt: skip
     """Run one case on this process (see the module docstring); returns a picklable dict.
 
     ``ranks``: the global ranks of this process's group, in order; ``ns[i]``: batch size of
     ``ranks[i]``. ``dtype``: the input's dtype; ``module_dtype``: the layer's (default fp32, or
-    fp64 for fp64 input); ``autocast``: a dtype to run the forward under autocast with.
+    fp64 for fp64 input); ``autocast``: a dtype to run the forward under autocast with;
+    ``strided``: an input with other strides (made contiguous by CGBN before either half).
     """
     group = group if group is not None else (get_cgbn_group() or dist.group.WORLD)
     module_dtype = module_dtype or (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -151,6 +153,8 @@ def run_case(rank, ranks, ns, seed=0, path="cpu", device="cpu", group=None, dire
         x = xs[me].to(device=device, dtype=dtype)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if strided:  # neither NCHW- nor channels_last-contiguous: every other column of a copy
+            x = torch.stack([x, x], dim=-1).flatten(-2)[..., ::2].detach()
         x.requires_grad_(x_grad)
         gy = gs[me].to(device)
         amp = (
