@@ -15,7 +15,6 @@ after ``timeout`` seconds and the test fails, so no test can hang CI.
 import datetime
 import os
 import pickle
-import socket
 import tempfile
 import time
 import traceback
@@ -24,12 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def find_free_port():
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megdet_d2.engine.launch import find_free_port
 
 
 def _worker(rank, fn, world_size, procs_per_machine, port, args, result_dir, timeout_s):
