@@ -47,7 +47,8 @@ def register_config_datasets(cfg):
     A name already registered by someone else (a builtin such as ``coco_2017_train``, or another
     json) is an error naming it; re-registering the same json is a no-op.
     """
-    for name, json_file, image_root in _entries(cfg):
+    entries = _entries(cfg)
+    for name, json_file, image_root in entries:
         json_file, image_root = os.path.expanduser(json_file), os.path.expanduser(image_root)
         if name in DatasetCatalog.list():
             if MetadataCatalog.get(name).get("json_file", None) == json_file:
@@ -57,4 +58,4 @@ def register_config_datasets(cfg):
                 "json); choose another name"
             )
         register_coco_instances(name, {}, json_file, image_root)
-    return [entry[0] for entry in _entries(cfg)]
+    return [name for name, _, _ in entries]
