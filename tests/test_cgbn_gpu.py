@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from tests.test_cgbn_cuda_path import CASES, THREE, check, run_all
 from tests.utils import cuda_kernels as K
-from tests.utils.cgbn_cases import run_case
+from tests.utils.cgbn_cases import merge_with_empty_rows, run_case
 from tests.utils.dist import run_distributed
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -128,6 +128,18 @@ def test_gather_standin_equals_real_kernel(dtype, running, counts_dtype):
         real, standin = args_cuda[3].cpu(), args_cpu[3]
         assert torch.equal(real.isnan(), standin.isnan())
         assert torch.allclose(real.double(), standin.double(), atol=1e-2, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_empty_rows_weigh_nothing_in_the_real_gather(dtype):
+    """CGBN's empty-process rows on the real kernel: as the stand-in (integer running count)."""
+    real = merge_with_empty_rows(torch.batch_norm_gather_stats_with_counts, dtype, "cuda")
+    standin = merge_with_empty_rows(K.batch_norm_gather_stats_with_counts, dtype)
+    assert real["count_0_first"][:2].isnan().all()
+    rtol = 1e-6 if dtype == F32 else 1e-13
+    torch.testing.assert_close(real["cgbn_empty_rows"], real["alone"], rtol=rtol, atol=0)
+    torch.testing.assert_close(real["cgbn_empty_rows"], standin["cgbn_empty_rows"], rtol=rtol,
+                               atol=0)  # fmt: skip
 
 
 def _paths_cuda(name):

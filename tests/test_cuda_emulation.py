@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from megdet_d2.layers.groups import create_cgbn_groups
 from tests.utils import cuda_kernels as K
-from tests.utils.cgbn_cases import run_case, tolerance
+from tests.utils.cgbn_cases import merge_with_empty_rows, run_case, tolerance
 from tests.utils.dist import run_distributed
 
 F16, F32, F64 = torch.float16, torch.float32, torch.float64
@@ -195,3 +195,14 @@ def test_backward_reduce_nchw_rounds_half_terms_and_checks_weight_dtype():
     m64, s64 = K.batch_norm_stats(x64, 1e-5)
     with pytest.raises(RuntimeError, match="grad_weight"):
         K.batch_norm_backward_reduce(x64, x64, m64, s64, torch.ones(3), True, True, True)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_empty_rows_weigh_nothing_in_the_gather(dtype):
+    """Why CGBN's CUDA half needs neither a mask nor a sort for empty processes: their count
+    (the smallest normal float) keeps the merge finite where count 0 first gives NaN, and the
+    result equals the merge of the non-empty rows alone."""
+    res = merge_with_empty_rows(K.batch_norm_gather_stats_with_counts, dtype)
+    assert res["count_0_first"][:2].isnan().all()
+    rtol = 1e-6 if dtype == F32 else 1e-13
+    torch.testing.assert_close(res["cgbn_empty_rows"], res["alone"], rtol=rtol, atol=0)

@@ -10,10 +10,9 @@ What differs from ``nn.SyncBatchNorm``'s Function, and why:
 
 * **No host synchronisation** when this process has more than one value per channel (the usual
   case); one (reading the group's total) when it has 0 or 1, because then the group may have
-  nothing or a single value to normalise. Empty processes are not masked out (a boolean mask is
-  a sync): their rows carry count 0 with benign statistics and a stable sort puts them after
-  the non-empty rows, where they change nothing. ``momentum=None`` takes 1 / num_batches_tracked
-  on the device. The backward never synchronises.
+  nothing or a single value to normalise. Empty processes are neither masked out (a boolean mask
+  is a sync) nor sorted: see ``_empty_count``. ``momentum=None`` takes 1 / num_batches_tracked on
+  the device. The backward never synchronises.
 * **Statistics in fp32** (fp64 for fp64 input) whatever the module's dtype: the gather kernel's
   dispatch type is driven by a tensor of that dtype and its counts are in that dtype, so a
   ``.half()`` module neither rounds counts above 2048 nor overflows them above 65504
@@ -41,6 +40,18 @@ from ..modeling.statistics_tape import forward_collective
 from .cgbn_common import as_layout_of, check_total, stat_dtype
 
 __all__ = ["TORCH_KERNELS", "backward", "forward", "takes", "use_kernels"]
+
+
+def _empty_count(dtype):
+    """The count an empty process sends: the smallest normal number of the statistics' dtype.
+
+    The gather kernel merges rows in rank order with ``factor = 1 / (n + count)``; a leading
+    row with count 0 would divide by 0 (NaN). With this count the factor stays finite, and the
+    row still weighs nothing: its mean is 0, its variance term ``(1 / invstd**2 - eps) * count``
+    is ~1e-38, and the kernel's running count ``n`` is an integer (``index_t``), so adding it
+    leaves ``n`` unchanged. Integer casts of the counts (backward's, the total) also drop it.
+    """
+    return torch.finfo(dtype).tiny
 
 
 def _all_gather_into_tensor(output, input, group=None):
@@ -109,10 +120,10 @@ def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked
     if count > 0:
         mean, invstd = kernels.batch_norm_stats(x, eps)
         local = torch.cat([mean, invstd, mean.new_full((1,), count)])
-    else:  # count 0 with mean 0, invstd 1: finite, and weightless once sorted last
+    else:  # mean 0, invstd 1 and a count that weighs nothing but keeps the merge finite
         local = torch.ones(2 * num_channels + 1, dtype=acc, device=x.device)
         local[:num_channels] = 0
-        local[-1] = 0
+        local[-1] = _empty_count(acc)
     gathered = local.new_empty(dist.get_world_size(group), local.numel())
     forward_collective(gathered, lambda: _gather(kernels, gathered, local, group))
 
@@ -130,19 +141,17 @@ def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked
             ctx.save_for_backward(x)
             return torch.empty_like(x)
 
-    # Rows with count 0 go last (a stable sort, the same on every process): merged after a
-    # non-empty row they add nothing; first, they would make the kernel divide 0 by 0.
-    rows = gathered.index_select(0, torch.argsort(gathered[:, -1], descending=True, stable=True))
-    means, invstds, counts = rows[:, :num_channels], rows[:, num_channels:-1], rows[:, -1]
+    means, invstds = gathered[:, :num_channels], gathered[:, num_channels:-1]
+    counts = gathered[:, -1]
     fused = running_mean is not None and running_mean.dtype == acc and momentum is not None
     if fused:  # the kernel updates the running statistics itself
         num_batches_tracked.add_(1)
         mean, invstd = kernels.batch_norm_gather_stats_with_counts(
-            rows, means, invstds, running_mean, running_var, momentum, eps, counts
+            gathered, means, invstds, running_mean, running_var, momentum, eps, counts
         )
-    else:  # ``rows`` (acc dtype) drives the kernel's dispatch: fp32 statistics and counts
+    else:  # ``gathered`` (acc dtype) drives the kernel's dispatch: fp32 statistics and counts
         mean, invstd = kernels.batch_norm_gather_stats_with_counts(
-            rows, means, invstds, None, None, 0.0, eps, counts
+            gathered, means, invstds, None, None, 0.0, eps, counts
         )
         if running_mean is not None:
             _update_running_stats(mean, invstd, counts, eps, momentum, running_mean,

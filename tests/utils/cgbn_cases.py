@@ -37,7 +37,7 @@ from megdet_d2.modeling.statistics_tape import StatisticsTape
 
 from .cuda_kernels import EMULATED, EMULATED_NCCL, HostSyncCounter, count_cuda_syncs
 
-__all__ = ["run_case", "tolerance"]
+__all__ = ["merge_with_empty_rows", "run_case", "tolerance"]
 
 
 def tolerance(dtype, module_dtype=None):
@@ -211,3 +211,36 @@ def run_case(rank, ranks, ns, seed=0, path="cpu", device="cpu", group=None, dire
         res["rv"] = _max_err(layer.running_var, ref.running_var)
         res["nbt"] = (int(layer.num_batches_tracked), int(ref.num_batches_tracked))
     return res
+
+
+def merge_with_empty_rows(gather, dtype, device="cpu"):
+    """Two processes' rows merged by ``gather`` (``batch_norm_gather_stats_with_counts``) alone,
+    between the rows of empty processes as CGBN's CUDA half sends them, and after one empty row
+    with count 0: the stacked ``[mean, invstd, running_mean, running_var]`` of each."""
+    g = torch.Generator().manual_seed(3)
+    c = 4
+    means = torch.randn(2, c, generator=g).mul(5).to(dtype)
+    invstds = torch.rand(2, c, generator=g).add(0.5).to(dtype)
+    counts = torch.tensor([6.0, 20.0], dtype=dtype)
+    e_mean, e_invstd = torch.zeros(1, c, dtype=dtype), torch.ones(1, c, dtype=dtype)
+
+    def merge(m, i, n):
+        m, i, n = m.to(device), i.to(device), n.to(device)
+        rm = torch.zeros(c, dtype=dtype, device=device)
+        rv = torch.ones(c, dtype=dtype, device=device)
+        mean, invstd = gather(m, m, i, rm, rv, 0.1, 1e-5, n)
+        return torch.stack([mean, invstd, rm, rv]).cpu()
+
+    def interleave(empty_count):  # [empty, A, empty, B]
+        e_count = torch.full((1,), empty_count, dtype=dtype)
+        return merge(
+            torch.cat([e_mean, means[:1], e_mean, means[1:]]),
+            torch.cat([e_invstd, invstds[:1], e_invstd, invstds[1:]]),
+            torch.cat([e_count, counts[:1], e_count, counts[1:]]),
+        )
+
+    return {
+        "alone": merge(means, invstds, counts),
+        "cgbn_empty_rows": interleave(cgbn_cuda._empty_count(dtype)),
+        "count_0_first": interleave(0.0),
+    }
