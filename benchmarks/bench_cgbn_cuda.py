@@ -5,18 +5,22 @@ directly on that group (a CGBN or SyncBatchNorm layer would short-cut a group of
 BN), so each does its full work: statistics kernel, one NCCL all-gather, merge, normalisation;
 backward reduce, one NCCL all-reduce, elementwise backward. Shapes are those of R50-FPN's norm
 layers at 2 images per GPU of 800 x 1216 px. For each shape and precision (fp32; AMP = fp16
-input from autocast'ed convolutions into an fp32 layer) the three variants run fwd + bwd in
-turn, ``--iters`` iterations per timing, CUDA events around the whole loop (launch overhead and
-host syncs included, as in training), median of ``--repeats`` timings. Host syncs per forward /
-backward come from torch's sync debug mode.
+input from autocast'ed convolutions into an fp32 layer) the three variants are timed
+interleaved: each of ``--repeats`` rounds times every variant once (``--iters`` fwd + bwd
+calls, CUDA events around the whole loop: launch overhead and host syncs included, as in
+training), in an order that rotates from round to round, so that clock or load drift hits all
+variants alike. A variant's time is its median over the rounds; CGBN / SyncBN is the median of
+the per-round ratios, with their range, which shows how much a single ratio can be trusted.
+Host syncs per forward / backward come from torch's sync debug mode.
 
-    python benchmarks/bench_cgbn_cuda.py [--iters 50 --repeats 7] [--out table.md]
+    python benchmarks/bench_cgbn_cuda.py [--iters 50 --repeats 11] [--out table.md]
 """
 
 import argparse
 import os
 import statistics
 import sys
+import time
 import warnings
 
 import torch
@@ -69,21 +73,43 @@ def _step(fn, layer, x, dy, group):
     out.backward(dy)
 
 
-def _time(fn, layer, x, dy, group, iters, repeats):
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        for _ in range(iters):
-            _step(fn, layer, x, dy, group)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / iters)
-    return statistics.median(times)
+def _elapsed_ms(run, device):
+    """Wall time of ``run()``: CUDA events around it on a GPU (launch overhead and host syncs
+    included, as in training); ``perf_counter`` elsewhere (the CPU dry run in CI)."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        run()
+        return (time.perf_counter() - start) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    run()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
+def _time_interleaved(layers, x, dy, group, iters, repeats):
+    """ms per call of every variant: ``repeats`` rounds, each timing every variant once, the
+    order rotating by round."""
+    names = list(VARIANTS)
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            fn, layer = VARIANTS[name], layers[name]
+
+            def run():
+                for _ in range(iters):
+                    _step(fn, layer, x, dy, group)
+
+            times[name].append(_elapsed_ms(run, x.device) / iters)
+    return times
 
 
 def _syncs(fn, layer, x, dy, group):
+    """Host syncs of one forward and one backward (torch's sync debug mode; CUDA only)."""
+    if x.device.type != "cuda":
+        return None
     counts = []
     for phase in ("forward", "backward"):
         torch.cuda.synchronize()
@@ -99,10 +125,45 @@ def _syncs(fn, layer, x, dy, group):
     return tuple(counts)
 
 
+def measure(c, h, w, dtype, group, iters, repeats, device="cuda"):
+    """One shape and input dtype: ms per call of each variant (median of the rounds), the
+    per-round CGBN / SyncBN ratios, and each variant's host syncs (fwd, bwd) or None."""
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(BATCH, c, h, w, device=device, generator=gen).to(dtype).requires_grad_()
+    dy = torch.randn(BATCH, c, h, w, device=device, generator=gen).to(dtype)
+    layers, syncs = {}, {}
+    for variant, fn in VARIANTS.items():
+        layers[variant] = nn.BatchNorm2d(c).to(device)  # fp32 parameters, as under AMP
+        for _ in range(3):  # warm-up (cudnn autotuning, NCCL)
+            _step(fn, layers[variant], x, dy, group)
+        syncs[variant] = _syncs(fn, layers[variant], x, dy, group)
+    times = _time_interleaved(layers, x, dy, group, iters, repeats)
+    return {
+        "ms": {variant: statistics.median(t) for variant, t in times.items()},
+        "ratios": [a / b for a, b in zip(times["CGBN"], times["SyncBN"])],
+        "syncs": syncs,
+    }
+
+
+def table_row(name, c, h, w, precision, result):
+    """The Markdown row of one ``measure`` result."""
+    ms, ratios, syncs = result["ms"], result["ratios"], result["syncs"]
+
+    def fmt(s):
+        return "n/a" if s is None else f"{s[0]}/{s[1]}"
+
+    return (
+        f"| {name} | {c} x {h} x {w} | {precision} | {ms['BN']:.3f} | {ms['SyncBN']:.3f} | "
+        f"{ms['CGBN']:.3f} | {statistics.median(ratios):.2f}x | "
+        f"{min(ratios):.2f}-{max(ratios):.2f} | {fmt(syncs['SyncBN'])}, {fmt(syncs['CGBN'])} |"
+    )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=50)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--out", default=None, help="also write the Markdown table here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -116,34 +177,19 @@ def main():
     torch.backends.cudnn.benchmark = True
     lines = [
         f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, NCCL group of 1; "
-        f"fwd + bwd ms per layer call, median of {args.repeats} x {args.iters} iterations",
+        f"fwd + bwd ms per layer call (median of {args.repeats} interleaved rounds of "
+        f"{args.iters} calls); CGBN / SyncBN: median of the per-round ratios, and their range",
         "",
         "| layer (2 images, 800 x 1216) | C x H x W | precision | BN | SyncBN | CGBN | "
-        "CGBN / SyncBN | host syncs fwd/bwd: SyncBN, CGBN |",
-        "|---|---|---|---|---|---|---|---|",
+        "CGBN / SyncBN | per-round range | host syncs fwd/bwd: SyncBN, CGBN |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     worst = 0.0
     for name, c, h, w in SHAPES:
         for precision, dtype in (("fp32", torch.float32), ("AMP fp16", torch.float16)):
-            gen = torch.Generator(device="cuda").manual_seed(0)
-            x = torch.randn(BATCH, c, h, w, device="cuda", generator=gen).to(dtype)
-            x.requires_grad_()
-            dy = torch.randn(BATCH, c, h, w, device="cuda", generator=gen).to(dtype)
-            ms, syncs = {}, {}
-            for variant, fn in VARIANTS.items():
-                layer = nn.BatchNorm2d(c).cuda()  # fp32 parameters, as under AMP
-                for _ in range(3):  # warm-up (cudnn autotuning, NCCL)
-                    _step(fn, layer, x, dy, group)
-                syncs[variant] = _syncs(fn, layer, x, dy, group)
-                ms[variant] = _time(fn, layer, x, dy, group, args.iters, args.repeats)
-            ratio = ms["CGBN"] / ms["SyncBN"]
-            worst = max(worst, ratio)
-            lines.append(
-                f"| {name} | {c} x {h} x {w} | {precision} | {ms['BN']:.3f} | "
-                f"{ms['SyncBN']:.3f} | {ms['CGBN']:.3f} | {ratio:.2f}x | "
-                f"{syncs['SyncBN'][0]}/{syncs['SyncBN'][1]}, {syncs['CGBN'][0]}/"
-                f"{syncs['CGBN'][1]} |"
-            )
+            result = measure(c, h, w, dtype, group, args.iters, args.repeats)
+            worst = max(worst, statistics.median(result["ratios"]))
+            lines.append(table_row(name, c, h, w, precision, result))
             print(lines[-1], flush=True)
     lines += ["", f"Largest CGBN / SyncBN ratio: {worst:.2f}x"]
     text = "\n".join(lines)
