@@ -79,6 +79,16 @@ def test_every_config_loads():
         assert "train" in cfg or "model" in cfg, path
 
 
+def test_quickstart_runs_on_cpu_on_a_gpu_machine():
+    """The quickstart (and every test built on it) is CPU processes over gloo: with detectron2's
+    default of "cuda", as on a GPU machine, --num-gpus 2 would need two GPUs."""
+    cfg = get_cfg()
+    add_megdet_config(cfg)
+    cfg.MODEL.DEVICE = "cuda"  # the default where a GPU is visible
+    cfg.merge_from_file(os.path.join(CONFIGS, "quickstart", "shapes_R18_FPN.yaml"))
+    assert cfg.MODEL.DEVICE == "cpu"
+
+
 def test_one_leaf_per_paper_row_and_no_strays():
     expected = {_table3_file(b, bn, s) for b, bn, _, s, _, _ in TABLE3}
     expected |= {_table2_file(b, half) for b, half, _ in TABLE2}
