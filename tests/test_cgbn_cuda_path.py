@@ -54,6 +54,7 @@ STATS_TOLERANCE = {"large_mean": 1e-2}
 NCCL_CASES = ("equal", "one_empty", "fp16_input", "cumulative")
 THREE = {
     "three_unequal_empty": dict(ns=[2, 0, 3]),
+    "three_first_empty": dict(ns=[0, 2, 1]),  # a leading empty row, on the NCCL branch too
     "three_fp16_channels_last": dict(ns=[1, 2, 1], dtype=F16, channels_last=True),
     "three_cumulative_no_affine": dict(ns=[1, 1, 2], steps=2, momentum=None, affine=False),
 }
