@@ -133,16 +133,16 @@ def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked
         None if bias is None else bias.dtype,
     )
     ctx.group_empty = False
+    means, invstds = gathered[:, :num_channels], gathered[:, num_channels:-1]
+    counts = gathered[:, -1]
     if count <= 1:  # only then can the group hold 0 or 1 values: the one host sync
-        total = int(gathered[:, -1].sum().item())
+        total = int(counts.sum().item())
         check_total(total)
         if total == 0:
             ctx.group_empty = True
             ctx.save_for_backward(x)
             return torch.empty_like(x)
 
-    means, invstds = gathered[:, :num_channels], gathered[:, num_channels:-1]
-    counts = gathered[:, -1]
     fused = running_mean is not None and running_mean.dtype == acc and momentum is not None
     if fused:  # the kernel updates the running statistics itself
         num_batches_tracked.add_(1)
