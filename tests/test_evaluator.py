@@ -114,3 +114,36 @@ def test_no_detections_write_null_and_say_so(tmp_path):
     assert f"bbox: no detections on {VAL_NAME}, so mmAP and mmAR are undefined" in "".join(
         records.lines
     )
+
+
+def test_no_ground_truth_in_the_evaluated_images_is_a_config_error(tmp_path):
+    """Detections but only crowd ground truth: COCOeval's -1 everywhere would print a table of
+    nan with status 0; instead one line says why (train_net.py exits with status 2)."""
+    from detectron2.data import MetadataCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    from megdet_d2 import ConfigError
+
+    _val_dicts(tmp_path)
+    meta = MetadataCatalog.get(VAL_NAME)
+    with open(meta.json_file) as f:
+        data = json.load(f)
+    for ann in data["annotations"]:
+        ann["iscrowd"] = 1
+    crowd_json = tmp_path / "crowd_only.json"
+    crowd_json.write_text(json.dumps(data))
+    name = "megdet_test_crowd_only"
+    register_coco_instances(name, {}, str(crowd_json), meta.image_root)
+    try:
+        dicts = DatasetCatalog.get(name)
+        evaluator = MegDetCOCOEvaluator(name, output_dir=str(tmp_path / "out"), distributed=False)
+        with pytest.raises(ConfigError) as error:
+            _run(evaluator, dicts, keep=None)
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    assert str(error.value).startswith(
+        f"DATASETS.TEST {name!r}: COCO bbox evaluation found no (non-crowd) ground truth in "
+        f"the {len(dicts)} evaluated image(s)"
+    )
+    assert not (tmp_path / "out" / "coco_metrics.json").exists()

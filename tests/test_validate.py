@@ -123,6 +123,86 @@ def test_valid_config_passes(data_root):
         (["SOLVER.MEGDET.SCHEDULE", "normal", "TEST.EVAL_PERIOD", "5"], 2,
          "TEST.EVAL_PERIOD=5 is set on the command line, but SOLVER.MEGDET.SCHEDULE='normal' "
          "derives TEST.EVAL_PERIOD=2 "),
+        # issue #20: a list-valued key that does not fit the model (before: an assertion or a
+        # KeyError from every worker, or a value silently ignored)
+        (["MODEL.PIXEL_MEAN", "[103.5, 116.3]"], 2, "MODEL.PIXEL_MEAN=[103.5, 116.3] has 2 "
+         "value(s) but INPUT.FORMAT='BGR' images have 3 channel(s); give one value per channel"),
+        (["MODEL.PIXEL_STD", "[57.4, 57.1]"], 2, "MODEL.PIXEL_STD=[57.4, 57.1] has 2 value(s) "
+         "but INPUT.FORMAT='BGR' images have 3"),
+        (["INPUT.FORMAT", "L"], 2, "MODEL.PIXEL_MEAN=[103.53, 116.28, 123.675] has 3 value(s) "
+         "but INPUT.FORMAT='L' images have 1 channel(s)"),
+        (["MODEL.PIXEL_STD", "[1.0, 0.0, 1.0]"], 2, "MODEL.PIXEL_STD=[1.0, 0.0, 1.0] must be "
+         "positive (images are divided by it)"),
+        (["MODEL.ANCHOR_GENERATOR.SIZES", "[[16], [32], [64]]"], 2,
+         "MODEL.ANCHOR_GENERATOR.SIZES=[[16], [32], [64]] gives 3 levels but "
+         "MODEL.RPN.IN_FEATURES has 5 feature map(s); give 5 lists (one per level), or one"),
+        (["MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", "[[1.0], [1.0]]"], 2,
+         "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS=[[1.0], [1.0]] gives 2 levels but "
+         "MODEL.RPN.IN_FEATURES has 5"),
+        (["MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", "[[1.0], [1.0], [0.5, 2.0], [1.0], [1.0]]"], 2,
+         "MODEL.ANCHOR_GENERATOR.SIZES=[[16], [32], [64], [128], [256]] with ASPECT_RATIOS="
+         "[[1.0], [1.0], [0.5, 2.0], [1.0], [1.0]] gives [1, 1, 2, 1, 1] anchors per location"),
+        (["MODEL.ANCHOR_GENERATOR.SIZES", "[]"], 2,
+         "MODEL.ANCHOR_GENERATOR.SIZES=[] must be a non-empty list"),
+        (["MODEL.RPN.IN_FEATURES", "['p2', 'p3', 'p7']"], 2, "MODEL.RPN.IN_FEATURES=['p2', 'p3', "
+         "'p7'] names ['p7'], which MODEL.BACKBONE.NAME='build_resnet_fpn_backbone' does not "
+         "produce; use some of the backbone's features ['p2', 'p3', 'p4', 'p5', 'p6']"),
+        (["MODEL.ROI_HEADS.IN_FEATURES", "['res4']"], 2, "MODEL.ROI_HEADS.IN_FEATURES=['res4'] "
+         "names ['res4'], which MODEL.BACKBONE.NAME='build_resnet_fpn_backbone' does not"),
+        (["MODEL.ROI_HEADS.IN_FEATURES", "['p2', 'p4']"], 2, "MODEL.ROI_HEADS.IN_FEATURES=["
+         "'p2', 'p4'] must be consecutive pyramid levels, finest first"),
+        (["MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS", "(10.0, 10.0, 5.0)"], 2,
+         "MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS=[10.0, 10.0, 5.0] must be 4 positive weights"),
+        (["MODEL.RPN.BBOX_REG_WEIGHTS", "(1.0, 1.0, 1.0, 1.0, 1.0)"], 2,
+         "MODEL.RPN.BBOX_REG_WEIGHTS=[1.0, 1.0, 1.0, 1.0, 1.0] must be 4 positive weights"),
+        (["INPUT.MIN_SIZE_TRAIN", "()"], 2, "INPUT.MIN_SIZE_TRAIN=() must hold positive sizes"),
+        (["INPUT.MIN_SIZE_TRAIN_SAMPLING", "range"], 2, "INPUT.MIN_SIZE_TRAIN=[128] must be "
+         "[low, high] with INPUT.MIN_SIZE_TRAIN_SAMPLING 'range'"),
+        (["INPUT.CROP.ENABLED", "True", "INPUT.CROP.SIZE", "[0.9]"], 2,
+         "INPUT.CROP.SIZE=[0.9] must be two fractions in (0, 1]"),
+        (["SOLVER.STEPS", "(150, 100)"], 2, "SOLVER.STEPS=(150, 100) must be positive and "
+         "strictly increasing"),
+        (["SOLVER.STEPS", "(150, 200)"], 2, "SOLVER.STEPS=(150, 200) has step(s) [200] at or "
+         "after SOLVER.MAX_ITER=200, which would never apply"),
+        (["SOLVER.MEGDET.STEP_GAMMAS", "[0.1, 0.5]"], 2, "SOLVER.MEGDET.STEP_GAMMAS=[0.1, 0.5] "
+         "needs one factor per step of SOLVER.STEPS=(150,) (1)"),
+        (["MODEL.RESNETS.OUT_FEATURES", "['res3', 'res4', 'res5', 'res6']"], 2,
+         "MODEL.RESNETS.OUT_FEATURES=['res3', 'res4', 'res5', 'res6'] must name ResNet outputs "
+         "(['res6'] are not)"),
+        (["MODEL.FPN.IN_FEATURES", "['res2', 'res4', 'res5']"], 2, "MODEL.FPN.IN_FEATURES=["
+         "'res2', 'res4', 'res5'] must be consecutive ResNet stages in order"),
+        (["MODEL.RESNETS.OUT_FEATURES", "['res3', 'res4', 'res5']"], 2, "MODEL.FPN.IN_FEATURES="
+         "['res2', 'res3', 'res4', 'res5'] names ['res2'], which MODEL.RESNETS.OUT_FEATURES="),
+        (["MODEL.RESNETS.DEFORM_ON_PER_STAGE", "[False]"], 2,
+         "MODEL.RESNETS.DEFORM_ON_PER_STAGE=[False] needs one flag per stage res2..res5 (4)"),
+        (["MODEL.RPN.IOU_THRESHOLDS", "[0.7, 0.3]"], 2, "MODEL.RPN.IOU_THRESHOLDS=[0.7, 0.3] "
+         "must be IoU values in (0, 1] in increasing order"),
+        (["MODEL.ROI_HEADS.IOU_THRESHOLDS", "[0.4, 0.5]"], 2, "MODEL.ROI_HEADS.IOU_LABELS=[0, 1] "
+         "needs 3 labels from [-1, 0, 1], one per interval of MODEL.ROI_HEADS.IOU_THRESHOLDS="),
+        (["MODEL.RPN.CONV_DIMS", "[]"], 2, "MODEL.RPN.CONV_DIMS=[] must be channel counts"),
+        (["MODEL.META_ARCHITECTURE", "RetinaNet", "MODEL.RETINANET.NUM_CLASSES", "3",
+          "MODEL.RETINANET.IN_FEATURES", "['p3', 'p4', 'p5', 'p6', 'p7']"], 2,
+         "MODEL.RETINANET.IN_FEATURES=['p3', 'p4', 'p5', 'p6', 'p7'] names ['p7'], which "
+         "MODEL.BACKBONE.NAME='build_resnet_fpn_backbone' does not produce"),
+        (["MODEL.META_ARCHITECTURE", "RetinaNet", "MODEL.RETINANET.NUM_CLASSES", "3",
+          "MODEL.RETINANET.IN_FEATURES", "['p3', 'p4', 'p5', 'p6']",
+          "MODEL.ANCHOR_GENERATOR.SIZES", "[[32], [64], [128], [256]]",
+          "MODEL.RETINANET.BBOX_REG_WEIGHTS", "(1.0, 1.0)"], 2,
+         "MODEL.RETINANET.BBOX_REG_WEIGHTS=[1.0, 1.0] must be 4 positive weights"),
+        (["MODEL.ROI_HEADS.NAME", "CascadeROIHeads", "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG",
+          "True", "MODEL.ROI_BOX_CASCADE_HEAD.IOUS", "(0.5, 0.6)"], 2,
+         "MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS=[[10.0, 10.0, 5.0, 5.0], [20.0, 20.0, "
+         "10.0, 10.0], [30.0, 30.0, 15.0, 15.0]] gives 3 stage(s) but "
+         "MODEL.ROI_BOX_CASCADE_HEAD.IOUS has 2"),
+        (["MODEL.KEYPOINT_ON", "True", "TEST.KEYPOINT_OKS_SIGMAS", "[0.1, 0.2]"], 2,
+         "TEST.KEYPOINT_OKS_SIGMAS=[0.1, 0.2] has 2 value(s) but "
+         "MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS=17"),
+        (["DATASETS.TRAIN", "()"], 2, "DATASETS.TRAIN=[] is empty: nothing to train on"),
+        (["TEST.AUG.ENABLED", "True", "TEST.AUG.MIN_SIZES", "()"], 2,
+         "TEST.AUG.MIN_SIZES=[] must hold positive sizes with TEST.AUG.ENABLED"),
+        # whatever no explicit check covers: the model is built (on meta) in the launcher
+        (["MODEL.ROI_BOX_HEAD.POOLER_TYPE", "ROIAlignV3"], 2,
+         "MODEL.META_ARCHITECTURE='GeneralizedRCNN' cannot be built from this config ("),
     ],
 )  # fmt: skip
 def test_bad_value_is_one_line_naming_key_value_and_fix(
@@ -377,6 +457,34 @@ DATA_FAULTS = {
         "DATASETS.TRAIN names 'megdet_shapes_train', whose json_file '{d}/train.json' has no "
         "image with a (non-crowd) annotation: nothing to train on",
     ),
+    "annotation image_id names no image": (
+        lambda d: _edit_json(d / "train.json", lambda j: _set(j["annotations"], 2, image_id=99)),
+        "DATASETS.TRAIN names 'megdet_shapes_train': json_file '{d}/train.json': annotation 3 "
+        "has image_id 99, which is not in 'images' (8 images); add that image or remove",
+    ),
+    "test annotation image_id names no image": (
+        lambda d: _edit_json(d / "val.json", lambda j: _set(j["annotations"], 0, image_id=0)),
+        "DATASETS.TEST names 'megdet_shapes_val': json_file '{d}/val.json': annotation 1 has "
+        "image_id 0, which is not in 'images' (4 images); add that image or remove",
+    ),
+    "test annotation category names no category": (
+        lambda d: _edit_json(d / "val.json", lambda j: _set(j["annotations"], 1, category_id=0)),
+        "DATASETS.TEST names 'megdet_shapes_val': json_file '{d}/val.json': annotation 2 (image "
+        "1) has category_id 0, which is not in 'categories' (ids [1, 2, 3]); add",
+    ),
+    "test set with an empty annotations list": (
+        lambda d: _edit_json(d / "val.json", lambda j: j.update(annotations=[])),
+        "DATASETS.TEST names 'megdet_shapes_val', whose json_file '{d}/val.json' has an "
+        "'annotations' list but no (non-crowd) annotation: COCO evaluation would compute "
+        "nothing (every metric nan); add the annotations, or remove the 'annotations' key",
+    ),
+    "test set with crowd annotations only": (
+        lambda d: _edit_json(
+            d / "val.json", lambda j: [a.update(iscrowd=1) for a in j["annotations"]]
+        ),
+        "DATASETS.TEST names 'megdet_shapes_val', whose json_file '{d}/val.json' has an "
+        "'annotations' list but no (non-crowd) annotation",
+    ),
     "not an image": (
         lambda d: (d / "train" / "000001.png").write_text("hello"),
         "DATASETS.TRAIN names 'megdet_shapes_train': image '{d}/train/000001.png' (json_file "
@@ -396,6 +504,21 @@ def test_data_fault_is_one_line_naming_the_file(capsys, quickstart_folder, tmp_p
     damage(folder)
     message = config_error(capsys, str(root))
     assert message.startswith(expected.format(d=folder)), message
+
+
+def test_test_set_without_annotations_key_is_for_predictions(quickstart_folder, tmp_path):
+    """No 'annotations' key: detectron2's evaluator only writes predictions; allowed."""
+    root = tmp_path / "data"
+    folder = root / os.path.basename(quickstart_folder)
+    shutil.copytree(quickstart_folder, folder)
+    _edit_json(folder / "val.json", lambda j: j.pop("annotations"))
+    args = default_argument_parser().parse_args(
+        ["--config-file", CONFIG, "--eval-only", "MEGDET.QUICKSTART.ROOT", str(root),
+         "MEGDET.QUICKSTART.NUM_TRAIN", "8", "MEGDET.QUICKSTART.NUM_VAL", "4"]
+    )  # fmt: skip
+    assert train_net.load_config(args).DATASETS.TEST == ("megdet_shapes_val",)
+    with open(folder / "val.json") as f:
+        assert "annotations" not in json.load(f)  # the checked file is the edited one
 
 
 def test_eval_only_checks_the_test_set_only(capsys, quickstart_folder, tmp_path):
@@ -460,10 +583,23 @@ def test_coco_json_with_polygons_is_checked_like_the_original(tmp_path):
     assert loaded == data
 
 
-@pytest.mark.parametrize("case", ["--num-gpus 0", "YAML syntax", "KEY without VALUE", "test json"])
+@pytest.mark.parametrize(
+    "case",
+    ["--num-gpus 0", "YAML syntax", "KEY without VALUE", "test json", "list key", "dangling id"],
+)
 def test_train_net_exits_with_one_line_before_spawning(tmp_path, case):
     flags, opts = ["--num-gpus", "2", "--config-file", CONFIG], []
-    if case == "--num-gpus 0":
+    if case == "list key":  # issue #20: was an AssertionError from each worker ~13 s later
+        opts = ["MODEL.PIXEL_MEAN", "[103.5, 116.3]"]
+        expected = "Config error: MODEL.PIXEL_MEAN=[103.5, 116.3] has 2 value(s) but"
+    elif case == "dangling id":  # issue #20: was dropped silently; nan everywhere, status 0
+        from megdet_d2.data import TRAIN_NAME, prepare_quickstart_data
+
+        json_file, _ = prepare_quickstart_data(str(tmp_path / "data"), 8, 4, 128, 0)[TRAIN_NAME]
+        _edit_json(json_file, lambda j: _set(j["annotations"], 0, image_id=123))
+        expected = (f"Config error: DATASETS.TRAIN names '{TRAIN_NAME}': json_file '{json_file}'"
+                    ": annotation 1 has image_id 123, which is not in 'images'")  # fmt: skip
+    elif case == "--num-gpus 0":
         flags[1] = "0"
         expected = "Config error: --num-gpus=0 must be at least 1"
     elif case == "YAML syntax":

@@ -118,8 +118,8 @@ def _check_images(data, json_file):
 
 
 def _check_annotations(data, json_file, category_ids, image_ids):
-    """Every annotation has a known category and a 4-number bbox; ids are unique. Returns the
-    ids of the images with at least one non-crowd annotation."""
+    """Every annotation names a listed image and category and has a 4-number bbox; ids are
+    unique. Returns the ids of the images with at least one non-crowd annotation."""
     annotations = _records(data, "annotations", json_file, required=False)
     annotated, ann_ids = set(), set()
     unique_ids = "minival" not in json_file  # detectron2 allows duplicates only there
@@ -131,6 +131,12 @@ def _check_annotations(data, json_file, category_ids, image_ids):
                 f"json_file {json_file!r}: annotation {str(ann)[:200]} needs 'image_id', "
                 "'category_id' and 'bbox'"
             ) from None
+        if image_id not in image_ids:
+            raise ConfigError(
+                f"json_file {json_file!r}: annotation {ann.get('id')} has image_id {image_id!r}, "
+                f"which is not in 'images' ({len(image_ids)} images); add that image or remove "
+                "the annotation (detectron2 would drop it silently)"
+            )
         if category not in category_ids:
             raise ConfigError(
                 f"json_file {json_file!r}: annotation {ann.get('id')} (image {image_id}) has "
@@ -152,7 +158,7 @@ def _check_annotations(data, json_file, category_ids, image_ids):
             ann_ids.add(ann_id)
         if not ann.get("iscrowd", 0):
             annotated.add(image_id)
-    return annotated & image_ids, len(annotations)
+    return annotated, len(annotations)
 
 
 def _check_files(images, image_root, json_file):
@@ -231,7 +237,9 @@ def check_coco_dataset(json_file, image_root, sample=HEADER_SAMPLE):
 
     Returns:
         ``{"images", "annotations", "annotated_images", "categories"}`` counts (a training set
-        needs ``annotated_images`` > 0: detectron2 drops images without annotations).
+        needs ``annotated_images`` > 0: detectron2 drops images without annotations), and
+        ``has_annotations``: the json has an ``annotations`` list (a test set without one is
+        for predictions only; with one, it must annotate something to be evaluated).
     """
     enabled = gc.isenabled()
     gc.disable()  # millions of new objects, no cycles: the collector would only slow it down 2x
@@ -262,6 +270,7 @@ def _check(data, json_file, image_root, sample):
     return {
         "images": len(images),
         "annotations": num_annotations,
+        "has_annotations": isinstance(data.get("annotations"), list),
         "annotated_images": len(annotated),
         "categories": len(category_ids),
     }

@@ -4,6 +4,7 @@ from .dist_url import resolve_dist_url
 from .hooks import SAMPLE_STATS_KEYS, SampleStatsHook
 from .launch import launch, launched_by_torchrun, process_layout
 from .layout import bn_size, check_written_for, setup_cgbn_groups
+from .list_keys import check_list_keys
 from .process_groups import init_process_groups
 from .seed import resolve_run_seed
 from .supervise import JobFailed
@@ -30,6 +31,7 @@ __all__ = [
     "check_config",
     "check_datasets",
     "check_launch_args",
+    "check_list_keys",
     "check_output_dir",
     "check_values",
     "check_written_for",

@@ -20,11 +20,9 @@ import os
 import sys
 import tempfile
 import time
-import warnings
 
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.modeling import build_model
 from torch import nn
 
 from ..config import config_value, default_config
@@ -36,12 +34,15 @@ from ..solver import check_solver_config
 from ..solver.batch import check_ims_per_batch
 from .checkpoint import MegDetCheckpointer
 from .launch import launched_by_torchrun
+from .list_keys import check_list_keys
+from .meta_build import build_on, first_line, quiet
 
 __all__ = [
     "check_config",
     "check_datasets",
     "check_device",
     "check_launch_args",
+    "check_list_keys",
     "check_names",
     "check_norms",
     "check_num_classes",
@@ -84,6 +85,7 @@ def check_config(cfg, num_machines, procs_per_machine, training=True, resume=Fal
     check_output_dir(cfg)
     check_datasets(cfg, training)
     check_num_classes(cfg, training)
+    check_list_keys(cfg, training)  # builds the model on meta: after names and classes
     if training:
         check_ims_per_batch(cfg.SOLVER.IMS_PER_BATCH, world_size)
         check_solver_config(cfg)
@@ -309,12 +311,20 @@ def check_datasets(cfg, training=True):
                     "./datasets) or register the dataset with the right paths"
                 )
         summary = _coco_summary(key, name)
-        if training and key == "DATASETS.TRAIN" and summary and not summary["annotated_images"]:
+        if not summary or summary["annotated_images"]:
+            continue
+        if key == "DATASETS.TRAIN":
             raise ConfigError(
                 f"{key} names {name!r}, whose json_file {metadata.json_file!r} has no image "
                 "with a (non-crowd) annotation: nothing to train on (detectron2 drops "
-                "unannotated images); check that the annotations' image_id values match the "
-                "images' id values"
+                "unannotated images); add annotations, or train on another dataset"
+            )
+        if summary["has_annotations"]:  # without the list: a prediction-only test set
+            raise ConfigError(
+                f"{key} names {name!r}, whose json_file {metadata.json_file!r} has an "
+                "'annotations' list but no (non-crowd) annotation: COCO evaluation would "
+                "compute nothing (every metric nan); add the annotations, or remove the "
+                "'annotations' key to only write predictions"
             )
     _check_proposal_files(cfg, training)
 
@@ -441,7 +451,7 @@ def check_weights(cfg, resume=False):
         strict_shapes=cfg.MEGDET.STRICT_SHAPES,
         allow_partial=cfg.MEGDET.ALLOW_PARTIAL_WEIGHTS or model is None,
     )
-    with _quiet():
+    with quiet():
         try:
             checkpointer.load(path, checkpointables=[])
         except ConfigError as e:
@@ -449,7 +459,7 @@ def check_weights(cfg, resume=False):
         except Exception as e:  # torch.load / pickle / a state dict that is not one
             raise ConfigError(
                 f"{key}={path!r} cannot be read as a checkpoint ({type(e).__name__}: "
-                f"{_first_line(e)}); give a complete checkpoint file (.pth, or .pkl from "
+                f"{first_line(e)}); give a complete checkpoint file (.pth, or .pkl from "
                 "detectron2's model zoo)"
             ) from None
 
@@ -457,33 +467,11 @@ def check_weights(cfg, resume=False):
 def _meta_model(cfg):
     """``build_model(cfg)`` with every tensor on the ``meta`` device, or None if this model
     cannot be built there (the check is then left to the real load in each worker)."""
-    meta_cfg = cfg.clone()
-    meta_cfg.defrost()
-    meta_cfg.MODEL.DEVICE = "meta"
     try:
-        with _quiet(), torch.device("meta"):
-            return build_model(meta_cfg)
+        return build_on(cfg, "meta")
     except Exception:  # any builder: an early check must not block a model it cannot build
         logging.getLogger(__name__).debug("cannot build the model on meta", exc_info=True)
         return None
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Silence the loaders' logs and warnings (the launcher has no log file yet)."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.CRITICAL)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logging.disable(previous)
-
-
-def _first_line(error):
-    text = str(error).strip()
-    return text.splitlines()[0] if text else ""
 
 
 def config_error_line(error):
@@ -493,7 +481,7 @@ def config_error_line(error):
     if "\nOriginal Traceback" in text:
         last = text.splitlines()[-1]
         return last.split("ConfigError: ", 1)[1] if "ConfigError: " in last else last
-    return _first_line(error) or type(error).__name__
+    return first_line(error) or type(error).__name__
 
 
 def _report(line):

@@ -5,7 +5,9 @@ also reports mmAR (average recall over IoU .50:.95 with 100 detections per image
 adds the recall half of ``stats`` and writes every number to ``<output_dir>/coco_metrics.json``
 as strict JSON: a number COCO cannot compute (every one when the model detected nothing, APs
 when there are no small objects) is ``null`` there, not ``NaN``, and a model without
-detections prints a line saying so instead of ``mmAP = nan``.
+detections prints a line saying so instead of ``mmAP = nan``. A test set without ground truth in
+the evaluated images is a ``ConfigError`` (one line, exit status 2 under ``train_net.py``),
+never a table of ``nan`` and status 0.
 
 Backend: detectron2's C++ ``COCOeval_opt`` when it is built; otherwise faster-coco-eval's
 ``COCOeval_faster`` when installed (``benchmarks/bench_coco_eval.py``: the same 12 numbers as
@@ -21,6 +23,8 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.evaluation import coco_evaluation as d2_coco
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
+
+from ..errors import ConfigError
 
 __all__ = ["MegDetCOCOEvaluator", "strict_json"]
 
@@ -84,6 +88,15 @@ class MegDetCOCOEvaluator(COCOEvaluator):
             return super()._eval_predictions(predictions, img_ids=img_ids)
 
     def _derive_coco_results(self, coco_eval, iou_type, class_names=None):
+        if coco_eval is not None and all(value < 0 for value in coco_eval.stats):
+            # COCOeval's -1 everywhere: no (non-crowd) ground truth in the evaluated images.
+            # The start-up check refuses such a test set; reached e.g. through img_ids.
+            raise ConfigError(
+                f"DATASETS.TEST {self._metadata.name!r}: COCO {iou_type} evaluation found no "
+                f"(non-crowd) ground truth in the {len(coco_eval.params.imgIds)} evaluated "
+                "image(s), so every metric is undefined; evaluate on annotated images (or "
+                "remove the json's 'annotations' key to only write predictions)"
+            )
         results = super()._derive_coco_results(coco_eval, iou_type, class_names=class_names)
         recall = _RECALL_STATS[iou_type]
         if coco_eval is None:  # detectron2 evaluates nothing: every number is NaN

@@ -82,7 +82,20 @@ def check_solver_config(cfg) -> None:
         return  # the checks below are about step schedules
     steps = list(s.STEPS)
     if any(b <= a for a, b in zip([0] + steps, steps)):
-        _fail("SOLVER.STEPS", tuple(steps), "must be positive and strictly increasing.")
+        _fail(
+            "SOLVER.STEPS",
+            tuple(steps),
+            "must be positive and strictly increasing (the iterations at which the LR drops); "
+            "e.g. (60000, 80000).",
+        )
+    late = [step for step in steps if step >= s.MAX_ITER]
+    if late:
+        _fail(
+            "SOLVER.STEPS",
+            tuple(steps),
+            f"has step(s) {late} at or after SOLVER.MAX_ITER={s.MAX_ITER}, which would never "
+            "apply; give steps below MAX_ITER (or train longer).",
+        )
     gammas = list(s.MEGDET.STEP_GAMMAS)
     if gammas and len(gammas) != len(steps):
         _fail(
