@@ -126,7 +126,7 @@ def test_valid_config_passes(data_root):
         # issue #20: a list-valued key that does not fit the model (before: an assertion or a
         # KeyError from every worker, or a value silently ignored)
         (["MODEL.PIXEL_MEAN", "[103.5, 116.3]"], 2, "MODEL.PIXEL_MEAN=[103.5, 116.3] has 2 "
-         "value(s) but INPUT.FORMAT='BGR' images have 3 channel(s); give one value per channel"),
+         "value(s) but INPUT.FORMAT='BGR' images have 3 channel(s); give 3 value(s), one per channel"),
         (["MODEL.PIXEL_STD", "[57.4, 57.1]"], 2, "MODEL.PIXEL_STD=[57.4, 57.1] has 2 value(s) "
          "but INPUT.FORMAT='BGR' images have 3"),
         (["INPUT.FORMAT", "L"], 2, "MODEL.PIXEL_MEAN=[103.53, 116.28, 123.675] has 3 value(s) "
@@ -179,7 +179,8 @@ def test_valid_config_passes(data_root):
          "must be IoU values in (0, 1] in increasing order"),
         (["MODEL.ROI_HEADS.IOU_THRESHOLDS", "[0.4, 0.5]"], 2, "MODEL.ROI_HEADS.IOU_LABELS=[0, 1] "
          "needs 3 labels from [-1, 0, 1], one per interval of MODEL.ROI_HEADS.IOU_THRESHOLDS="),
-        (["MODEL.RPN.CONV_DIMS", "[]"], 2, "MODEL.RPN.CONV_DIMS=[] must be channel counts"),
+        (["MODEL.RPN.CONV_DIMS", "[256, 0]"], 2, "MODEL.RPN.CONV_DIMS=[256, 0] must be channel "
+         "counts of the RPN head's convs, or -1"),
         (["MODEL.META_ARCHITECTURE", "RetinaNet", "MODEL.RETINANET.NUM_CLASSES", "3",
           "MODEL.RETINANET.IN_FEATURES", "['p3', 'p4', 'p5', 'p6', 'p7']"], 2,
          "MODEL.RETINANET.IN_FEATURES=['p3', 'p4', 'p5', 'p6', 'p7'] names ['p7'], which "

@@ -72,21 +72,18 @@ def check_list_keys(cfg, training=True):
 
 def _check_pixel_stats(cfg):
     mean, std, fmt = list(cfg.MODEL.PIXEL_MEAN), list(cfg.MODEL.PIXEL_STD), cfg.INPUT.FORMAT
-    channels = INPUT_CHANNELS.get(fmt)
+    channels = INPUT_CHANNELS.get(fmt)  # None: a format detectron2 may read; not compared
     for key, values in (("MODEL.PIXEL_MEAN", mean), ("MODEL.PIXEL_STD", std)):
         if channels is not None and len(values) != channels:
             _fail(key, values, f"has {len(values)} value(s) but INPUT.FORMAT={fmt!r} images have "
-                  f"{channels} channel(s)", f"give one value per channel (the default for BGR is "
-                  f"{_show(_DEFAULT_STATS[key])})")  # fmt: skip
+                  f"{channels} channel(s)", f"give {channels} value(s), one per channel (the "
+                  "stem's input channels are len(MODEL.PIXEL_MEAN))")  # fmt: skip
     if len(mean) != len(std):
         _fail("MODEL.PIXEL_STD", std, f"has {len(std)} value(s) but MODEL.PIXEL_MEAN has "
               f"{len(mean)}", "give one mean and one std per input channel")  # fmt: skip
     if any(not s > 0 for s in std):
         _fail("MODEL.PIXEL_STD", std, "must be positive (images are divided by it)",
               "use 1.0 for no scaling")  # fmt: skip
-
-
-_DEFAULT_STATS = {"MODEL.PIXEL_MEAN": [103.53, 116.28, 123.675], "MODEL.PIXEL_STD": [1.0, 1.0, 1.0]}
 
 
 def _check_datasets_given(cfg, training):
@@ -219,7 +216,10 @@ def _check_in_features(cfg, features):
 
 
 def _is_pyramid(features, names):
+    """Strides double from each feature to the next (unknown strides: not compared)."""
     strides = [features[n].stride for n in names]
+    if None in strides:
+        return True
     return all(b == 2 * a for a, b in zip(strides, strides[1:]))
 
 
@@ -345,12 +345,12 @@ def _check_box_heads(cfg):
         _check_weights("MODEL.RPN.BBOX_REG_WEIGHTS", m.RPN.BBOX_REG_WEIGHTS,
                        _box_dim(cfg, m.PROPOSAL_GENERATOR.NAME))  # fmt: skip
         dims = list(m.RPN.CONV_DIMS)
-        if not dims or any(d != -1 and d <= 0 for d in dims) or (len(dims) > 1 and dims[0] < 0):
+        if any(d != -1 and d <= 0 for d in dims):
             _fail(
                 "MODEL.RPN.CONV_DIMS",
                 dims,
-                "must be channel counts of the RPN head's convs",
-                "use [-1] (one conv, as wide as its input) or e.g. [256, 256]",
+                "must be channel counts of the RPN head's convs, " "or -1 (as wide as its input)",
+                "e.g. [-1] (the default) or [256, 256]",
             )
     if arch == "RetinaNet":
         _check_weights("MODEL.RETINANET.BBOX_REG_WEIGHTS", m.RETINANET.BBOX_REG_WEIGHTS, 4)
