@@ -10,7 +10,8 @@ markdown table of medians (ms, slowest rank) and the ratios
   (same communication pattern, so it also pays for waiting on the slower peer),
 * NaiveSyncBN / CGBN: speed-up over detectron2's NaiveSyncBatchNorm (target ~2).
 
-Usage: ``python benchmarks/bench_cgbn.py --iters 200 --warmup 20`` (the README table, ~75 s)
+Usage: ``python benchmarks/bench_cgbn.py --iters 200 --warmup 20`` (~75 s; the table in
+docs/benchmarks.md)
 """
 
 import argparse

@@ -76,9 +76,9 @@ def add_megdet_config(cfg):
     # Training images per epoch for presets; 0 = count the registered training set (after
     # detectron2's filtering of empty images). apply_schedule_preset writes the count back here.
     _C.SOLVER.MEGDET.EPOCH_SIZE = 0
-    # Under a preset: evaluate / checkpoint every this many epochs (0 = keep TEST.EVAL_PERIOD /
-    # SOLVER.CHECKPOINT_PERIOD as written).
+    # Under a preset: evaluate every this many epochs (0 = keep TEST.EVAL_PERIOD as written).
     _C.SOLVER.MEGDET.EVAL_PERIOD_EPOCHS = 1
+    # Under a preset: checkpoint every this many epochs (0 = keep SOLVER.CHECKPOINT_PERIOD).
     _C.SOLVER.MEGDET.CHECKPOINT_PERIOD_EPOCHS = 1
     # LR factor applied at each of SOLVER.STEPS (same length), cumulatively; [] = SOLVER.GAMMA at
     # every step. Filled by a preset ("long" needs [0.1, 0.1, 0.5]); used by LinearScalingWarmupLR.
@@ -91,6 +91,7 @@ def add_megdet_config(cfg):
     # Paper experiments (§3.3, Tables 1-3): sub-linear memory, the launch a config was
     # written for, and the positive / negative sample statistics.
     # ---------------------------------------------------------------------------------------
+    # MEGDET.*: everything of a run that is neither the CGBN layer nor the LR policy.
     _C.MEGDET = CN()
     # Sub-linear memory (§3.3, Chen et al. 2016): checkpoint the activations of every trainable
     # ResNet block (and of the FPN's normalised convs) and recompute them in backward: R50-FPN
@@ -153,7 +154,9 @@ def add_megdet_config(cfg):
     # Folder the data is written to ("" = $DETECTRON2_DATASETS/megdet_shapes, default
     # ./datasets/megdet_shapes). Generated once; later runs reuse the files.
     _C.MEGDET.QUICKSTART.ROOT = ""
+    # Images generated for "megdet_shapes_train".
     _C.MEGDET.QUICKSTART.NUM_TRAIN = 512
+    # Images generated for "megdet_shapes_val".
     _C.MEGDET.QUICKSTART.NUM_VAL = 64
     # Canvas side in pixels (the longer side when the canvas is not square).
     _C.MEGDET.QUICKSTART.IMAGE_SIZE = 128
@@ -161,6 +164,7 @@ def add_megdet_config(cfg):
     # (the default data); e.g. [0.75, 1.5] gives portrait and landscape images, as COCO has,
     # so that DATALOADER.ASPECT_RATIO_GROUPING has two groups to keep apart.
     _C.MEGDET.QUICKSTART.ASPECT_RATIOS = [1.0]
+    # Seed of the generator: the same seed (and sizes) gives the same images and boxes.
     _C.MEGDET.QUICKSTART.SEED = 0
 
     # ---------------------------------------------------------------------------------------

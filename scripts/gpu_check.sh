@@ -18,6 +18,11 @@
 # failed steps. Without a GPU the CUDA parts skip (CI runs it so: tests/test_gpu_check.py).
 # Environment: PYTHON (default python3), GPU_CHECK_SITE (where the wheels go),
 # GPU_CHECK_TESTS (the pytest selection of step 1).
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
+  echo "usage: bash scripts/gpu_check.sh OUTDIR: the GPU check; writes OUTDIR/report.md"
+  sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"
+  exit 0
+fi
 set -uo pipefail
 OUT=${1:?usage: bash scripts/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"

@@ -4,6 +4,11 @@
 # Python code) and the dependencies that machine lacks. Versions come from
 # requirements/constraints.txt; pure-Python projects published as sdists only are built here.
 # Run where pip reaches the package index: `bash scripts/gpu_wheels.sh`.
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
+  echo "usage: bash scripts/gpu_wheels.sh: fetch into ./.whl the wheels gpu_check.sh installs"
+  sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"
+  exit 0
+fi
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=.whl

@@ -2,6 +2,11 @@
 # One-command development environment: ./.venv with Python 3.11, PyTorch, detectron2 and its
 # dependencies, and megdet_d2 in editable mode. Versions come from requirements/constraints.txt.
 # Idempotent: a second run with unchanged requirements only checks imports and reports versions.
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
+  echo "usage: bash scripts/setup.sh   (or make setup): create or check ./.venv"
+  sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"
+  exit 0
+fi
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -61,7 +66,7 @@ else
   d2=$(grep -E '^sal-detectron2==' "$CONSTRAINTS")
   site=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   log "installing detectron2 from the PyPI repackage $d2"
-  # A cp310 wheel of pure-Python code; its compiled _C is unused on 3.11 (see README).
+  # A cp310 wheel of pure-Python code; its compiled _C is unused on 3.11 (see docs/training.md).
   "${PIP[@]}" install -q --no-deps --only-binary=:all: --python-version 3.10 --target "$site" "$d2"
 fi
 
