@@ -26,8 +26,22 @@ from .meta_build import build_on, first_line
 __all__ = ["INPUT_CHANNELS", "RESNET_FEATURES", "check_list_keys"]
 
 # Channels of an image read as detectron2's read_image(format=INPUT.FORMAT) reads it.
-INPUT_CHANNELS = {"BGR": 3, "RGB": 3, "YUV-BT.601": 3, "YCbCr": 3, "LAB": 3, "HSV": 3, "L": 1,
-                  "I": 1, "F": 1, "1": 1, "P": 1, "LA": 2, "RGBA": 4, "CMYK": 4}  # fmt: skip
+INPUT_CHANNELS = {
+    "BGR": 3,
+    "RGB": 3,
+    "YUV-BT.601": 3,
+    "YCbCr": 3,
+    "LAB": 3,
+    "HSV": 3,
+    "L": 1,
+    "I": 1,
+    "F": 1,
+    "1": 1,
+    "P": 1,
+    "LA": 2,
+    "RGBA": 4,
+    "CMYK": 4,
+}
 # The features detectron2's ResNet can output (MODEL.RESNETS.OUT_FEATURES).
 RESNET_FEATURES = ("stem", "res2", "res3", "res4", "res5")
 _RCNN = ("GeneralizedRCNN", "PanopticFPN")
@@ -54,7 +68,8 @@ def check_list_keys(cfg, training=True):
     """Raise a one-line ``ConfigError`` naming the key if a list-valued key does not fit.
 
     Call after the component names are known to be registered (``check_names``): the backbone
-    is built on the ``meta`` device to learn the features it produces.
+    is built on the ``meta`` device to learn the features it produces. Returns the whole model,
+    built on ``meta`` (or the CPU), for the checkpoint check.
     """
     _check_pixel_stats(cfg)
     _check_datasets_given(cfg, training)
@@ -67,7 +82,7 @@ def check_list_keys(cfg, training=True):
     _check_matchers(cfg)
     _check_box_heads(cfg)
     _check_test_lists(cfg)
-    _check_model_builds(cfg)
+    return _check_model_builds(cfg)
 
 
 def _check_pixel_stats(cfg):
@@ -75,24 +90,45 @@ def _check_pixel_stats(cfg):
     channels = INPUT_CHANNELS.get(fmt)  # None: a format detectron2 may read; not compared
     for key, values in (("MODEL.PIXEL_MEAN", mean), ("MODEL.PIXEL_STD", std)):
         if channels is not None and len(values) != channels:
-            _fail(key, values, f"has {len(values)} value(s) but INPUT.FORMAT={fmt!r} images have "
-                  f"{channels} channel(s)", f"give {channels} value(s), one per channel (the "
-                  "stem's input channels are len(MODEL.PIXEL_MEAN))")  # fmt: skip
+            _fail(
+                key,
+                values,
+                f"has {len(values)} value(s) but INPUT.FORMAT={fmt!r} images have "
+                f"{channels} channel(s)",
+                f"give {channels} value(s), one per channel (the "
+                "stem's input channels are len(MODEL.PIXEL_MEAN))",
+            )
     if len(mean) != len(std):
-        _fail("MODEL.PIXEL_STD", std, f"has {len(std)} value(s) but MODEL.PIXEL_MEAN has "
-              f"{len(mean)}", "give one mean and one std per input channel")  # fmt: skip
+        _fail(
+            "MODEL.PIXEL_STD",
+            std,
+            f"has {len(std)} value(s) but MODEL.PIXEL_MEAN has {len(mean)}",
+            "give one mean and one std per input channel",
+        )
     if any(not s > 0 for s in std):
-        _fail("MODEL.PIXEL_STD", std, "must be positive (images are divided by it)",
-              "use 1.0 for no scaling")  # fmt: skip
+        _fail(
+            "MODEL.PIXEL_STD",
+            std,
+            "must be positive (images are divided by it)",
+            "use 1.0 for no scaling",
+        )
 
 
 def _check_datasets_given(cfg, training):
     if training and not cfg.DATASETS.TRAIN:
-        _fail("DATASETS.TRAIN", cfg.DATASETS.TRAIN, "is empty: nothing to train on",
-              "name at least one registered dataset")  # fmt: skip
+        _fail(
+            "DATASETS.TRAIN",
+            cfg.DATASETS.TRAIN,
+            "is empty: nothing to train on",
+            "name at least one registered dataset",
+        )
     if not training and not cfg.DATASETS.TEST:
-        _fail("DATASETS.TEST", cfg.DATASETS.TEST, "is empty: --eval-only has nothing to "
-              "evaluate", "name at least one registered dataset")  # fmt: skip
+        _fail(
+            "DATASETS.TEST",
+            cfg.DATASETS.TEST,
+            "is empty: --eval-only has nothing to evaluate",
+            "name at least one registered dataset",
+        )
 
 
 def _check_input_lists(cfg):
@@ -105,15 +141,17 @@ def _check_input_lists(cfg):
             "use 'choice' (one of INPUT.MIN_SIZE_TRAIN) or 'range' (between its two values)",
         )
     if style == "range" and (len(sizes) != 2 or sizes[0] > sizes[1]):
-        _fail("INPUT.MIN_SIZE_TRAIN", sizes, "must be [low, high] with "
-              "INPUT.MIN_SIZE_TRAIN_SAMPLING 'range'", "give two sizes, e.g. [640, 800], or set "
-              "the sampling to 'choice'")  # fmt: skip
+        _fail(
+            "INPUT.MIN_SIZE_TRAIN",
+            sizes,
+            "must be [low, high] with INPUT.MIN_SIZE_TRAIN_SAMPLING 'range'",
+            "give two sizes, e.g. [640, 800], or set the sampling to 'choice'",
+        )
     crop = cfg.INPUT.CROP
     if not crop.ENABLED:
         return
     if crop.TYPE not in _CROP_TYPES:
-        _fail("INPUT.CROP.TYPE", crop.TYPE, "is not a crop type",
-              f"use one of {list(_CROP_TYPES)}")  # fmt: skip
+        _fail("INPUT.CROP.TYPE", crop.TYPE, "is not a crop type", f"use one of {list(_CROP_TYPES)}")
     size, relative = list(crop.SIZE), crop.TYPE.startswith("relative")
     valid = len(size) == 2 and all(
         (0 < s <= 1) if relative else (isinstance(s, int) and s > 0) for s in size
@@ -124,7 +162,7 @@ def _check_input_lists(cfg):
         _fail(
             "INPUT.CROP.SIZE",
             size,
-            f"must be two {what}{order} for INPUT.CROP.TYPE=" f"{crop.TYPE!r}",
+            f"must be two {what}{order} for INPUT.CROP.TYPE={crop.TYPE!r}",
             "e.g. [0.9, 0.9] (relative) or [384, 600] (absolute)",
         )
 
@@ -135,23 +173,33 @@ def _check_resnet_lists(cfg):
     r = cfg.MODEL.RESNETS
     unknown = [f for f in r.OUT_FEATURES if f not in RESNET_FEATURES]
     if not r.OUT_FEATURES or unknown:
-        _fail("MODEL.RESNETS.OUT_FEATURES", r.OUT_FEATURES, "must name ResNet outputs"
-              + (f" ({_show(unknown)} are not)" if unknown else ""),
-              f"use some of {list(RESNET_FEATURES)}, e.g. ['res2', 'res3', 'res4', 'res5'] "
-              "for FPN")  # fmt: skip
+        _fail(
+            "MODEL.RESNETS.OUT_FEATURES",
+            r.OUT_FEATURES,
+            "must name ResNet outputs" + (f" ({_show(unknown)} are not)" if unknown else ""),
+            f"use some of {list(RESNET_FEATURES)}, e.g. ['res2', 'res3', 'res4', 'res5'] "
+            "for FPN",
+        )
     if len(r.DEFORM_ON_PER_STAGE) != 4:
-        _fail("MODEL.RESNETS.DEFORM_ON_PER_STAGE", r.DEFORM_ON_PER_STAGE, "needs one flag per "
-              "stage res2..res5 (4)", "e.g. [False, False, False, False]")  # fmt: skip
+        _fail(
+            "MODEL.RESNETS.DEFORM_ON_PER_STAGE",
+            r.DEFORM_ON_PER_STAGE,
+            "needs one flag per stage res2..res5 (4)",
+            "e.g. [False, False, False, False]",
+        )
     if "fpn" not in cfg.MODEL.BACKBONE.NAME:
         return
     in_features = list(cfg.MODEL.FPN.IN_FEATURES)
     missing = [f for f in in_features if f not in r.OUT_FEATURES]
     order = [f for f in RESNET_FEATURES[1:] if f in in_features]
     if not in_features or missing or in_features != order or _gaps(order):
-        problem = (f"names {_show(missing)}, which MODEL.RESNETS.OUT_FEATURES="
-                   f"{_show(r.OUT_FEATURES)} does not produce" if missing else
-                   "must be consecutive ResNet stages in order (FPN merges each level with the "
-                   "next, 2x coarser one)")  # fmt: skip
+        problem = (
+            f"names {_show(missing)}, which MODEL.RESNETS.OUT_FEATURES="
+            f"{_show(r.OUT_FEATURES)} does not produce"
+            if missing
+            else "must be consecutive ResNet stages in order (FPN merges each level with the "
+            "next, 2x coarser one)"
+        )
         _fail(
             "MODEL.FPN.IN_FEATURES",
             in_features,
@@ -196,14 +244,21 @@ def _check_in_features(cfg, features):
     for key, names in _consumers(cfg):
         missing = [n for n in names if n not in features]
         if not names or missing:
-            problem = (f"names {_show(missing)}, which MODEL.BACKBONE.NAME="
-                       f"{cfg.MODEL.BACKBONE.NAME!r} does not produce" if missing else
-                       "is empty")  # fmt: skip
+            problem = (
+                f"names {_show(missing)}, which MODEL.BACKBONE.NAME="
+                f"{cfg.MODEL.BACKBONE.NAME!r} does not produce"
+                if missing
+                else "is empty"
+            )
             _fail(key, names, problem, f"use some of the backbone's features {produced}")
         if key == "MODEL.ROI_HEADS.IN_FEATURES" and not _is_pyramid(features, names):
-            _fail(key, names, "must be consecutive pyramid levels, finest first (the ROI pooler "
-                  "gives each box the level that fits its size)",
-                  "e.g. ['p2', 'p3', 'p4', 'p5']")  # fmt: skip
+            _fail(
+                key,
+                names,
+                "must be consecutive pyramid levels, finest first (the ROI pooler "
+                "gives each box the level that fits its size)",
+                "e.g. ['p2', 'p3', 'p4', 'p5']",
+            )
         channels = {features[n].channels for n in names}
         if len(channels) > 1 and key != "MODEL.SEM_SEG_HEAD.IN_FEATURES":
             _fail(
@@ -254,7 +309,7 @@ def _per_level(key, params, levels, features_key):
         _fail(
             key,
             params,
-            f"gives {len(params)} levels but {features_key} has {levels} feature " "map(s)",
+            f"gives {len(params)} levels but {features_key} has {levels} feature map(s)",
             f"give {levels} lists (one per level), or one list for all levels",
         )
     return [list(p) for p in params]
@@ -275,16 +330,24 @@ def _check_anchors(cfg):
         per_level[k] = _per_level(key, a.get(k), levels, features_key)
         bad = [v for level in per_level[k] for v in level if k != "ANGLES" and not v > 0]
         if bad or any(not level for level in per_level[k]):
-            _fail(key, a.get(k), "must hold positive values, at least one per level",
-                  "e.g. [[32], [64], [128], [256], [512]]")  # fmt: skip
+            _fail(
+                key,
+                a.get(k),
+                "must hold positive values, at least one per level",
+                "e.g. [[32], [64], [128], [256], [512]]",
+            )
     counts = [1] * levels
     for k in keys:
         counts = [c * len(level) for c, level in zip(counts, per_level[k])]
     if len(set(counts)) > 1:
-        _fail("MODEL.ANCHOR_GENERATOR.SIZES", a.SIZES, "with ASPECT_RATIOS="
-              f"{_show(a.ASPECT_RATIOS)} gives {counts} anchors per location on the levels of "
-              f"{features_key}, but the head predicts the same number on every level",
-              "give every level the same number of sizes (and of aspect ratios)")  # fmt: skip
+        _fail(
+            "MODEL.ANCHOR_GENERATOR.SIZES",
+            a.SIZES,
+            "with ASPECT_RATIOS="
+            f"{_show(a.ASPECT_RATIOS)} gives {counts} anchors per location on the levels of "
+            f"{features_key}, but the head predicts the same number on every level",
+            "give every level the same number of sizes (and of aspect ratios)",
+        )
 
 
 def _matchers(cfg):
@@ -314,20 +377,28 @@ def _check_matchers(cfg):
             or not all(0 < t <= 1 for t in thresholds)
             or sorted(thresholds) != (thresholds)
         ):
-            _fail(f"{prefix}.IOU_THRESHOLDS", thresholds, "must be IoU values in (0, 1] in "
-                  "increasing order", "e.g. [0.3, 0.7] (RPN) or [0.5] (ROI heads)")  # fmt: skip
+            _fail(
+                f"{prefix}.IOU_THRESHOLDS",
+                thresholds,
+                "must be IoU values in (0, 1] in increasing order",
+                "e.g. [0.3, 0.7] (RPN) or [0.5] (ROI heads)",
+            )
         if len(labels) != len(thresholds) + 1 or any(x not in _MATCHER_LABELS for x in labels):
-            _fail(f"{prefix}.IOU_LABELS", labels, f"needs {len(thresholds) + 1} labels from "
-                  f"{list(_MATCHER_LABELS)}, one per interval of {prefix}.IOU_THRESHOLDS="
-                  f"{_show(thresholds)}", "e.g. [0, -1, 1] for two thresholds (negative, "
-                  "ignored, positive)")  # fmt: skip
+            _fail(
+                f"{prefix}.IOU_LABELS",
+                labels,
+                f"needs {len(thresholds) + 1} labels from "
+                f"{list(_MATCHER_LABELS)}, one per interval of {prefix}.IOU_THRESHOLDS="
+                f"{_show(thresholds)}",
+                "e.g. [0, -1, 1] for two thresholds (negative, ignored, positive)",
+            )
 
 
 def _box_dim(cfg, rotated_name):
     return 5 if rotated_name in ("RRPN", "RROIHeads") else 4
 
 
-def _check_weights(key, weights, dim):
+def _check_box_weights(key, weights, dim):
     weights = list(weights)
     if len(weights) != dim or not all(w > 0 for w in weights):
         names = "(dx, dy, dw, dh" + (", da)" if dim == 5 else ")")
@@ -342,69 +413,102 @@ def _check_weights(key, weights, dim):
 def _check_box_heads(cfg):
     m, arch = cfg.MODEL, cfg.MODEL.META_ARCHITECTURE
     if _anchor_levels(cfg)[0] == "MODEL.RPN.IN_FEATURES":
-        _check_weights("MODEL.RPN.BBOX_REG_WEIGHTS", m.RPN.BBOX_REG_WEIGHTS,
-                       _box_dim(cfg, m.PROPOSAL_GENERATOR.NAME))  # fmt: skip
+        _check_box_weights(
+            "MODEL.RPN.BBOX_REG_WEIGHTS",
+            m.RPN.BBOX_REG_WEIGHTS,
+            _box_dim(cfg, m.PROPOSAL_GENERATOR.NAME),
+        )
         dims = list(m.RPN.CONV_DIMS)
         if any(d != -1 and d <= 0 for d in dims):
             _fail(
                 "MODEL.RPN.CONV_DIMS",
                 dims,
-                "must be channel counts of the RPN head's convs, " "or -1 (as wide as its input)",
+                "must be channel counts of the RPN head's convs, or -1 (as wide as its input)",
                 "e.g. [-1] (the default) or [256, 256]",
             )
     if arch == "RetinaNet":
-        _check_weights("MODEL.RETINANET.BBOX_REG_WEIGHTS", m.RETINANET.BBOX_REG_WEIGHTS, 4)
+        _check_box_weights("MODEL.RETINANET.BBOX_REG_WEIGHTS", m.RETINANET.BBOX_REG_WEIGHTS, 4)
     if arch not in _RCNN:
         return
-    _check_weights("MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS", m.ROI_BOX_HEAD.BBOX_REG_WEIGHTS,
-                   _box_dim(cfg, m.ROI_HEADS.NAME))  # fmt: skip
+    _check_box_weights(
+        "MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS",
+        m.ROI_BOX_HEAD.BBOX_REG_WEIGHTS,
+        _box_dim(cfg, m.ROI_HEADS.NAME),
+    )
     if m.ROI_HEADS.NAME == "CascadeROIHeads":
         ious, weights = list(m.ROI_BOX_CASCADE_HEAD.IOUS), list(
             m.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS
         )
         if not ious or not all(0 < t <= 1 for t in ious):
-            _fail("MODEL.ROI_BOX_CASCADE_HEAD.IOUS", ious, "must hold one IoU in (0, 1] per "
-                  "cascade stage", "e.g. [0.5, 0.6, 0.7]")  # fmt: skip
+            _fail(
+                "MODEL.ROI_BOX_CASCADE_HEAD.IOUS",
+                ious,
+                "must hold one IoU in (0, 1] per cascade stage",
+                "e.g. [0.5, 0.6, 0.7]",
+            )
         if ious[0] != m.ROI_HEADS.IOU_THRESHOLDS[0]:
-            _fail("MODEL.ROI_BOX_CASCADE_HEAD.IOUS", ious, "must start with "
-                  f"MODEL.ROI_HEADS.IOU_THRESHOLDS[0]={m.ROI_HEADS.IOU_THRESHOLDS[0]}",
-                  "make the first stage's IoU equal to it")  # fmt: skip
+            _fail(
+                "MODEL.ROI_BOX_CASCADE_HEAD.IOUS",
+                ious,
+                "must start with "
+                f"MODEL.ROI_HEADS.IOU_THRESHOLDS[0]={m.ROI_HEADS.IOU_THRESHOLDS[0]}",
+                "make the first stage's IoU equal to it",
+            )
         if len(weights) != len(ious):
-            _fail("MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS", weights, f"gives {len(weights)} "
-                  f"stage(s) but MODEL.ROI_BOX_CASCADE_HEAD.IOUS has {len(ious)}",
-                  "give one 4-weight list per stage")  # fmt: skip
+            _fail(
+                "MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS",
+                weights,
+                f"gives {len(weights)} "
+                f"stage(s) but MODEL.ROI_BOX_CASCADE_HEAD.IOUS has {len(ious)}",
+                "give one 4-weight list per stage",
+            )
         for w in weights:
-            _check_weights("MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS", w, 4)
+            _check_box_weights("MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS", w, 4)
     if m.KEYPOINT_ON:
         dims = list(m.ROI_KEYPOINT_HEAD.CONV_DIMS)
         if any(d <= 0 for d in dims):
-            _fail("MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS", dims, "must be positive channel counts",
-                  "e.g. [512] * 8")  # fmt: skip
+            _fail(
+                "MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS",
+                dims,
+                "must be positive channel counts",
+                "e.g. [512] * 8",
+            )
 
 
 def _check_test_lists(cfg):
     t, m = cfg.TEST, cfg.MODEL
     sigmas = list(t.KEYPOINT_OKS_SIGMAS)
     if m.KEYPOINT_ON and sigmas and len(sigmas) != m.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS:
-        _fail("TEST.KEYPOINT_OKS_SIGMAS", sigmas, f"has {len(sigmas)} value(s) but "
-              f"MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS={m.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS}",
-              "give one sigma per keypoint, or [] for COCO's 17")  # fmt: skip
+        _fail(
+            "TEST.KEYPOINT_OKS_SIGMAS",
+            sigmas,
+            f"has {len(sigmas)} value(s) but "
+            f"MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS={m.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS}",
+            "give one sigma per keypoint, or [] for COCO's 17",
+        )
     if t.AUG.ENABLED and (not t.AUG.MIN_SIZES or any(s <= 0 for s in t.AUG.MIN_SIZES)):
-        _fail("TEST.AUG.MIN_SIZES", t.AUG.MIN_SIZES, "must hold positive sizes with "
-              "TEST.AUG.ENABLED", "e.g. [400, 500, 600, 700, 800]")  # fmt: skip
+        _fail(
+            "TEST.AUG.MIN_SIZES",
+            t.AUG.MIN_SIZES,
+            "must hold positive sizes with TEST.AUG.ENABLED",
+            "e.g. [400, 500, 600, 700, 800]",
+        )
     for entry in t.EXPECTED_RESULTS:
         if not _is_list(entry) or len(entry) != 4:
-            _fail("TEST.EXPECTED_RESULTS", t.EXPECTED_RESULTS, "must hold [task, metric, "
-                  "value, tolerance] entries", "e.g. [['bbox', 'AP', 38.5, 0.2]]")  # fmt: skip
+            _fail(
+                "TEST.EXPECTED_RESULTS",
+                t.EXPECTED_RESULTS,
+                "must hold [task, metric, value, tolerance] entries",
+                "e.g. [['bbox', 'AP', 38.5, 0.2]]",
+            )
 
 
 def _check_model_builds(cfg):
-    """Build the model on ``meta`` (else the CPU); a failure is a one-line ConfigError."""
+    """The model built on ``meta`` (else the CPU); a failure is a one-line ConfigError."""
     errors = []
     for device in ("meta", "cpu"):
         try:
-            build_on(cfg, device)
-            return
+            return build_on(cfg, device)
         except Exception as e:  # any component's own check: reported below if both fail
             errors.append(e)
     e = errors[-1]

@@ -85,11 +85,11 @@ def check_config(cfg, num_machines, procs_per_machine, training=True, resume=Fal
     check_output_dir(cfg)
     check_datasets(cfg, training)
     check_num_classes(cfg, training)
-    check_list_keys(cfg, training)  # builds the model on meta: after names and classes
+    model = check_list_keys(cfg, training)  # builds the model: after names and classes
     if training:
         check_ims_per_batch(cfg.SOLVER.IMS_PER_BATCH, world_size)
         check_solver_config(cfg)
-    check_weights(cfg, resume)  # last: it reads the checkpoint
+    check_weights(cfg, resume, model)  # last: it reads the checkpoint
 
 
 def check_launch_args(num_gpus, num_machines=1, machine_rank=0, dist_url="auto"):
@@ -428,7 +428,7 @@ def _checkpoint_to_load(cfg, resume):
     return "MODEL.WEIGHTS", cfg.MODEL.WEIGHTS
 
 
-def check_weights(cfg, resume=False):
+def check_weights(cfg, resume=False, model=None):
     """The local checkpoint the run will load exists, can be read, and fits the model: shapes
     (``MEGDET.STRICT_SHAPES``) and at least half of the model's tensors found in it
     (``MEGDET.ALLOW_PARTIAL_WEIGHTS``). URLs and detectron2:// paths are left to loading.
@@ -436,6 +436,7 @@ def check_weights(cfg, resume=False):
     The checkpoint is loaded into a model built on the ``meta`` device (no memory, no
     initialisation cost) with the same checkpointer and name conversions as the real load, so
     that a mismatch costs seconds in the launcher rather than a traceback from every worker.
+    ``model``: that model if the caller has it (``check_list_keys`` builds it); None: built here.
     """
     key, path = _checkpoint_to_load(cfg, resume)
     if not path or not _is_local(path):
@@ -445,7 +446,8 @@ def check_weights(cfg, resume=False):
             f"{key}={path!r} is not a file; give an existing checkpoint, a URL or "
             "detectron2:// path, or '' to start from scratch"
         )
-    model = _meta_model(cfg)
+    if model is None:
+        model = _meta_model(cfg)
     checkpointer = MegDetCheckpointer(
         model if model is not None else nn.Module(),  # then: only read the file
         strict_shapes=cfg.MEGDET.STRICT_SHAPES,
