@@ -179,6 +179,9 @@ class MegDetTrainer(DefaultTrainer):
             create_ddp_model=create_ddp_model, DetectionCheckpointer=checkpointer
         ):
             super().__init__(cfg)
+        # DefaultTrainer's inner SimpleTrainer calls after_backward on its own (empty) hook
+        # list: run this trainer's hooks there (GradNormHook needs the gradients).
+        self._trainer.after_backward = self.after_backward
 
     @classmethod
     def build_train_loader(cls, cfg):
