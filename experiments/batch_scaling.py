@@ -1,159 +1,281 @@
 #!/usr/bin/env python
-"""The paper's central claim, small: a larger mini-batch reaches the small batch's accuracy in
-the same number of epochs (fewer iterations) with CGBN + linear scaling + warmup.
+"""MegDet's central claim, the paper's way: from a pretrained backbone, BN trained by CGBN,
+8x the mini-batch in the same epochs reaches the small batch's accuracy.
 
-Every run trains the quickstart detector (``configs/quickstart/shapes_R18_FPN.yaml``: R-18 FPN
-from scratch, CGBN over both processes) in 2 CPU processes for the same number of epochs of the
-built-in data, with the "normal" preset stretched to that length (``SOLVER.MEGDET.EPOCHS``:
-x0.1 at 8/11 and 10/11 of training), evaluating every epoch. The reference rate r = 0.02 is set
-at batch 4 (``REFERENCE_BATCH_SIZE 4``), the "16-base" analogue; the warmup lasts one epoch.
+Every run fine-tunes ``configs/experiments/shapes_hard_R18_FPN.yaml`` (R-18 FPN on the harder
+built-in data) from the backbone ``experiments/pretrain_backbone.py`` makes (once, cached), in
+2 CPU processes, for the same number of epochs, the "normal" preset stretched to them
+(``SOLVER.MEGDET.EPOCHS``: x0.1 at 8/11 and 10/11 of training), evaluating every epoch. The
+rate r = 0.02 is set at the base batch B = 4 (2 x 2, ``REFERENCE_BATCH_SIZE 4``, the "16-base"
+analogue); k = batch / 4; a warmup lasts one epoch, from r to k·r.
 
-* ``b4``: batch 4 (2 x 2) at r;
-* ``b16`` / ``b32``: batch 16 (2 x 8) / 32 (2 x 16), linear scaling (k·r) + warmup from r;
-* ``b32_nowarmup``: batch 32 at k·r from iteration 0;
-* ``b32_noscale``: batch 32 at r (the LR not scaled);
-* ``b32_bn``: batch 32 with per-process BN (BN size 16 instead of 32);
-* ``b4_seed2`` / ``b32_seed2``: second seeds, to measure run-to-run noise.
+* ``base``: batch B, FrozenBN backbone (pretrained statistics), no FPN norm, r (3 seeds);
+* ``bn_base``: batch B, CGBN (BN size 4) in backbone and FPN, r (3 seeds);
+* ``recipe_4x`` / ``recipe_8x``: 4B / 8B, CGBN, k·r with warmup (recipe_8x: 3 seeds);
+* ``recipe_8x_nowarmup``: 8B, k·r from iteration 0;
+* ``frozen_8x`` / ``frozen_8x_halflr``: 8B, FrozenBN, k·r / k·r/2 with warmup;
+* ``perproc_bn_8x``: 8B, per-process BN (BN size 16) instead of CGBN;
+* ``trend_bn2`` / ``trend_bn8`` (3 seeds each): the BN-size trend with ``bn_base`` (BN size 4)
+  and ``recipe_4x`` / ``recipe_8x`` (16 / 32): batch B with per-process BN, and batch 2B with
+  CGBN at k·r + warmup.
 
-Prints a Table-3-style table (batch, BN size, LR policy, iterations, training / wall-clock
-time, final mmAP / mmAR, AP at each epoch), writes it to ``OUT_DIR/table.md``, and draws
-Figures 1 and 4 (``OUT_DIR/curves.png``) with ``tools/plot_curves.py``. About an hour on a
-2-core machine with the defaults (256 training images, 8 epochs: 2048 images per run).
+Resumable run by run: a run whose ``OUT_DIR/<run>/record.json`` says exit 0 is skipped, so the
+same command continues an interrupted series. Writes ``OUT_DIR/batch_scaling.json`` (one record
+per run), ``OUT_DIR/table.md`` (Table-3 style, mean ± std over seeds) and
+``OUT_DIR/curves.png`` (Figures 1 and 4 via ``tools/plot_curves.py``); ``--docs`` also copies
+the json and figure to ``docs/``. About 2 hours on an idle 2-core machine with the defaults.
 
-    python experiments/batch_scaling.py --out-dir output/batch_scaling
+    python experiments/batch_scaling.py --out-dir output/batch_scaling --docs
+    python experiments/batch_scaling.py --smoke --out-dir /tmp/bs  # under a minute: CI
 """
 
 import argparse
+import datetime
+import json
 import math
 import os
+import platform
+import shutil
 import subprocess
 import sys
 
-from megdet_d2.utils import read_metrics, run_training_commands
+from megdet_d2.utils import run_recorded, summarize_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(REPO, "configs", "quickstart", "shapes_R18_FPN.yaml")
-BASE_LR, REFERENCE_BATCH = 0.02, 4
-CGBN = ["MODEL.RESNETS.NORM", "CGBN", "MODEL.FPN.NORM", "CGBN"]
-BN = ["MODEL.RESNETS.NORM", "BN", "MODEL.FPN.NORM", "BN"]
-
-# name -> (batch, BN size, LR policy, overrides); "{warmup}" = one epoch of iterations
-VARIANTS = {
-    "b4": (4, 4, "r", []),
-    "b16": (16, 16, "k·r, warmup", []),
-    "b32": (32, 32, "k·r, warmup", []),
-    "b32_nowarmup": (32, 32, "k·r, no warmup", ["SOLVER.WARMUP_ITERS", "0"]),
-    "b32_noscale": (32, 32, "r (not scaled)", ["SOLVER.MEGDET.REFERENCE_BATCH_SIZE", "32"]),
-    "b32_bn": (32, 16, "k·r, warmup; per-process BN", BN),
-    "b4_seed2": (4, 4, "r; seed 2", ["SEED", "7"]),
-    "b32_seed2": (32, 32, "k·r, warmup; seed 2", ["SEED", "7"]),
+CONFIG = os.path.join(REPO, "configs", "experiments", "shapes_hard_R18_FPN.yaml")
+PRETRAIN = os.path.join(REPO, "experiments", "pretrain_backbone.py")
+BASE_LR, BASE_BATCH, PROCESSES = 0.02, 4, 2
+NORMS = {  # norm field -> backbone / FPN overrides
+    "FrozenBN": ["MODEL.RESNETS.NORM", "FrozenBN", "MODEL.FPN.NORM", ""],
+    "CGBN": ["MODEL.RESNETS.NORM", "CGBN", "MODEL.FPN.NORM", "CGBN"],
+    "BN": ["MODEL.RESNETS.NORM", "BN", "MODEL.FPN.NORM", "BN"],
 }
+# name -> (batch, norm, lr policy, warmup, seeds)
+RUNS = {
+    "base": (4, "FrozenBN", "r", False, 3),
+    "bn_base": (4, "CGBN", "r", False, 3),
+    "recipe_4x": (16, "CGBN", "k*r", True, 1),
+    "recipe_8x": (32, "CGBN", "k*r", True, 3),
+    "recipe_8x_nowarmup": (32, "CGBN", "k*r", False, 1),
+    "frozen_8x": (32, "FrozenBN", "k*r", True, 1),
+    "frozen_8x_halflr": (32, "FrozenBN", "k*r/2", True, 1),
+    "perproc_bn_8x": (32, "BN", "k*r", True, 1),
+    "trend_bn2": (4, "BN", "r", False, 3),
+    "trend_bn8": (8, "CGBN", "k*r", True, 3),
+}
+SEEDS = (1, 2, 3)
+SMOKE_RUNS = ("base", "recipe_4x")
+
+
+def bn_size(batch, norm):
+    """Images per BN statistic: 0 without batch statistics."""
+    return {"FrozenBN": 0, "BN": batch // PROCESSES, "CGBN": batch}[norm]
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=None,
+                        help="run kinds (default: all; --smoke: base recipe_4x)")  # fmt: skip
+    parser.add_argument("--seeds", type=int, default=None, help="at most this many seeds a kind")
     parser.add_argument("--epochs", type=int, default=8, help="epochs per run")
-    parser.add_argument("--num-train", type=int, default=256, help="training images (an epoch)")
-    parser.add_argument("--num-val", type=int, default=64, help="validation images")
+    parser.add_argument("--num-train", type=int, default=800, help="training images (an epoch)")
+    parser.add_argument("--num-val", type=int, default=96, help="validation images")
+    parser.add_argument("--base-lr", type=float, default=BASE_LR, help="r, at batch 4")
+    parser.add_argument("--pretrain-args", default="", help="extra pretrain_backbone.py flags")
     parser.add_argument("--out-dir", default=os.path.join("output", "batch_scaling"))
+    parser.add_argument("--docs", action="store_true", help="also write docs/batch_scaling.*")
+    parser.add_argument("--docs-dir", default=os.path.join(REPO, "docs"), help=argparse.SUPPRESS)
+    parser.add_argument("--keep-checkpoints", action="store_true", help="keep model_final.pth")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="CI: pretrain 30 steps, base + recipe_4x on 48 images x 2 epochs",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     args = parser.parse_args(argv)
-    if args.epochs < 2 or args.num_train < max(VARIANTS[v][0] for v in args.variants):
+    if args.smoke:
+        args.runs = args.runs or list(SMOKE_RUNS)
+        args.seeds, args.epochs, args.num_train, args.num_val = 1, 2, 48, 8
+        args.base_lr = 0.002  # a 30-step backbone: r = 0.02 diverges (FrozenBN, no FPN norm)
+        args.pretrain_args = "--steps 30 --batch 8 --num-images 8 --num-val 4 " + args.pretrain_args
+    args.runs = args.runs or list(RUNS)
+    args.out_dir = os.path.abspath(args.out_dir)  # the runs' working directory is the repo
+    if args.epochs < 2 or args.num_train < max(RUNS[r][0] for r in args.runs):
         parser.error("need --epochs >= 2 and --num-train >= the largest batch")
     return args
 
 
-def train_command(args, variant):
+def run_names(args):
+    """``{run name: (kind, seed)}`` in the order they run: every kind's first seed first."""
+    names = {}
+    for i, seed in enumerate(SEEDS):
+        for kind in args.runs:
+            if i < min(RUNS[kind][4], args.seeds or len(SEEDS)):
+                names[f"{kind}_s{seed}"] = (kind, seed)
+    return names
+
+
+def pretrain(args):
+    """The pretrained checkpoint's path (made once; cached by its settings)."""
+    out_dir = os.path.join(args.out_dir, "pretrained")
+    cmd = [sys.executable, PRETRAIN, "--config-file", CONFIG, "--out-dir", out_dir]
+    cmd += args.pretrain_args.split()
+    if args.dry_run:
+        print(" ".join(cmd))
+        return "<pretrained.pth>"
+    out = subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.PIPE, text=True).stdout
+    lines = out.strip().splitlines()
+    print("\n".join(lines[-2:]), flush=True)
+    with open(os.path.join(args.out_dir, "pretrained", "latest.log"), "w") as f:
+        f.write(out)
+    return lines[-1].split(" ", 1)[1]  # "checkpoint PATH"
+
+
+def train_command(args, name, weights):
     """The train_net.py command line of one run."""
-    batch, _, _, overrides = VARIANTS[variant]
-    warmup = math.ceil(args.num_train / batch)  # one epoch
+    kind, seed = run_names(args)[name]
+    batch, norm, policy, warmup, _ = RUNS[kind]
+    reference = {"r": batch, "k*r": BASE_BATCH, "k*r/2": 2 * BASE_BATCH}[policy]
+    warmup_iters = math.ceil(args.num_train / batch) if warmup else 0  # one epoch
     return [
-        sys.executable, os.path.join(REPO, "train_net.py"), "--num-gpus", "2",
-        "--dist-url", "auto", "--config-file", CONFIG,
+        sys.executable, os.path.join(REPO, "train_net.py"), "--num-gpus", str(PROCESSES),
+        "--dist-url", "auto", "--config-file", CONFIG, "MODEL.WEIGHTS", weights,
         "MEGDET.QUICKSTART.ROOT", os.path.join(args.out_dir, "data"),
         "MEGDET.QUICKSTART.NUM_TRAIN", str(args.num_train),
         "MEGDET.QUICKSTART.NUM_VAL", str(args.num_val),
-        "SOLVER.IMS_PER_BATCH", str(batch), "SOLVER.BASE_LR", str(BASE_LR),
-        "SOLVER.MEGDET.REFERENCE_BATCH_SIZE", str(REFERENCE_BATCH),
+        "SOLVER.IMS_PER_BATCH", str(batch), "SOLVER.BASE_LR", str(args.base_lr),
+        "SOLVER.MEGDET.REFERENCE_BATCH_SIZE", str(reference),
         "SOLVER.MEGDET.SCHEDULE", "normal", "SOLVER.MEGDET.EPOCHS", str(args.epochs),
         "SOLVER.MEGDET.EVAL_PERIOD_EPOCHS", "1", "SOLVER.MEGDET.CHECKPOINT_PERIOD_EPOCHS", "0",
-        "SOLVER.CHECKPOINT_PERIOD", "1000000", "SOLVER.WARMUP_ITERS", str(warmup),
-        "MEGDET.LOG_PERIOD", "1", *CGBN, *overrides,
-        "OUTPUT_DIR", os.path.join(args.out_dir, variant),
+        "SOLVER.CHECKPOINT_PERIOD", "1000000", "SOLVER.WARMUP_ITERS", str(warmup_iters),
+        "MEGDET.LOG_PERIOD", "1", "MEGDET.LOG_GRAD_NORM", "True", *NORMS[norm],
+        "SEED", str(seed), "OUTPUT_DIR", os.path.join(args.out_dir, name),
     ]  # fmt: skip
 
 
-def summarize(run_dir):
-    """AP per evaluation, final mmAP / mmAR, iterations and training hours of one run."""
-    if not os.path.isfile(os.path.join(run_dir, "metrics.json")):
-        return None
-    records = read_metrics(run_dir)
-    evals = [r for r in records if "bbox/AP" in r]
-    seconds, last = 0.0, -1
-    for r in records:
-        if "time" in r:
-            seconds += r["time"] * (r["iteration"] - last)
-            last = r["iteration"]
-    return {
-        "ap": [r["bbox/AP"] for r in evals],
-        "ar": evals[-1].get("bbox/AR") if evals else None,
-        "iterations": max((r["iteration"] for r in records if "lr" in r), default=-1) + 1,
-        "train_s": seconds,
-    }
+def make_record(args, name):
+    """The function that turns a finished run's folder into its record."""
+    kind, seed = run_names(args)[name]
+    batch, norm, policy, warmup, _ = RUNS[kind]
+
+    def record(run_dir, rc, wall):
+        summary = summarize_run(run_dir) or {"ap": [], "ar": [], "iterations": 0, "train_s": 0}
+        complete = rc == 0 and len(summary["ap"]) == args.epochs
+        if not args.keep_checkpoints and os.path.isfile(os.path.join(run_dir, "model_final.pth")):
+            os.remove(os.path.join(run_dir, "model_final.pth"))
+        return {
+            "name": name, "kind": kind, "batch": batch, "bn_size": bn_size(batch, norm),
+            "norm": norm, "lr": policy, "warmup": warmup, "init": "pretrained", "seed": seed,
+            "iterations": summary["iterations"], "train_s": round(summary["train_s"], 1),
+            "wall_s": round(wall, 1), "mmAP_per_epoch": summary["ap"],
+            "mmAP": summary["ap"][-1] if complete else None,
+            "mmAR": summary["ar"][-1] if complete else None, "exit": rc,
+        }  # fmt: skip
+
+    return record
 
 
-def _fmt(x):
-    return "—" if x is None or x != x else f"{x:.1f}"  # null / NaN (no detections): "—"
+def _mean_std(values):
+    values = [v for v in values if v is not None and v == v]
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    std = (
+        math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        if len(values) > 1
+        else 0
+    )
+    return mean, std
 
 
-def table(args, results):
-    """Markdown table of the runs."""
-    header = [
-        "| run | batch | BN size | LR policy | iterations | train time | wall-clock | final mmAP "
-        "| final mmAR | AP after epoch "
-        + " / ".join(str(e) for e in range(1, args.epochs + 1))
-        + " | exit |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+def _fmt(mean, std, n):
+    if mean is None:
+        return "—"
+    return f"{mean:.1f} ± {std:.1f} ({n})" if n > 1 else f"{mean:.1f}"
+
+
+def table(records):
+    """Table-3-style markdown: one row per run kind, mean ± std (number of seeds) over seeds."""
+    lines = [
+        "| run | batch | BN size | norm | LR | warmup | iterations | train time (s) "
+        "| wall-clock (s) | mmAP | mmAR | mmAP after each epoch (mean) | exit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    rows = []
-    for variant, (summary, wall, rc) in results.items():
-        batch, bn, policy, _ = VARIANTS[variant]
-        if summary is None:
-            rows.append(f"| {variant} | {batch} | {bn} | {policy} | — | — | {wall:.0f} s | — | — "
-                        f"| — | {rc} |")  # fmt: skip
-            continue
-        aps = " / ".join(_fmt(a) for a in summary["ap"])
-        final = summary["ap"][-1] if len(summary["ap"]) == args.epochs else None
-        rows.append(
-            f"| {variant} | {batch} | {bn} | {policy} | {summary['iterations']} | "
-            f"{summary['train_s']:.0f} s | {wall:.0f} s | {_fmt(final)} | "
-            f"{_fmt(summary['ar']) if final is not None else '—'} | {aps} | {rc} |"
+    kinds = dict.fromkeys(r["kind"] for r in records)
+    for kind in kinds:
+        rows = [r for r in records if r["kind"] == kind]
+        first = rows[0]
+        aps = [r["mmAP"] for r in rows]
+        n = sum(a is not None for a in aps)
+        curves = [r["mmAP_per_epoch"] for r in rows if r["mmAP"] is not None]
+        per_epoch = " / ".join(
+            f"{_mean_std(list(c))[0]:.1f}" if _mean_std(list(c))[0] is not None else "—"
+            for c in zip(*curves)
+        ) if curves else "—"  # fmt: skip
+        lines.append(
+            f"| {kind} | {first['batch']} | {first['bn_size']} | {first['norm']} | {first['lr']} "
+            f"| {'yes' if first['warmup'] else 'no'} | {first['iterations']} "
+            f"| {_mean_std([r['train_s'] for r in rows])[0]:.0f} "
+            f"| {_mean_std([r['wall_s'] for r in rows])[0]:.0f} | {_fmt(*_mean_std(aps), n)} "
+            f"| {_fmt(*_mean_std([r['mmAR'] for r in rows]), n)} | {per_epoch} "
+            f"| {','.join(str(r['exit']) for r in rows)} |"
         )
-    return "\n".join(header + rows)
+    return "\n".join(lines)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    commands = {v: train_command(args, v) for v in args.variants}
-    runs = run_training_commands(commands, args.out_dir, REPO, dry_run=args.dry_run)
-    if args.dry_run:
-        return commands
-    results = {
-        v: (summarize(os.path.join(args.out_dir, v)), wall, rc) for v, (rc, wall) in runs.items()
+def report(args, records, docs):
+    """batch_scaling.json, table.md and curves.png in OUT_DIR (and docs/ with ``docs``)."""
+    data = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": f"{platform.node()}: {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, {PROCESSES} processes (gloo)",
+        "settings": {k: getattr(args, k) for k in ("epochs", "num_train", "num_val", "base_lr")},
+        "runs": records,
     }
-    text = table(args, results)
+    with open(os.path.join(args.out_dir, "batch_scaling.json"), "w") as f:
+        json.dump(data, f, indent=1)
+    text = table(records)
     print("\n" + text)
     with open(os.path.join(args.out_dir, "table.md"), "w") as f:
         f.write(text + "\n")
-    done = [v for v, (s, _, _) in results.items() if s and s["ap"]]
-    if done:
-        png = os.path.join(args.out_dir, "curves.png")
-        title = f"batch scaling, quickstart R-18 FPN, {args.epochs} epochs of {args.num_train}"
+    first = {}  # one curve per kind: its first seed
+    for r in records:
+        if r["mmAP_per_epoch"] and r["kind"] not in first:
+            first[r["kind"]] = r["name"]
+    png = os.path.join(args.out_dir, "curves.png")
+    if first:
+        title = (f"batch scaling, pretrained R-18 FPN, shapes_hard, {args.epochs} epochs of "
+                 f"{args.num_train} images")  # fmt: skip
         subprocess.run([sys.executable, os.path.join(REPO, "tools", "plot_curves.py"),
-                        *[os.path.join(args.out_dir, v) for v in done], "--out", png,
-                        "--title", title], cwd=REPO)  # fmt: skip
-    return results
+                        *[os.path.join(args.out_dir, n) for n in first.values()],
+                        "--labels", *first, "--out", png, "--title", title],
+                       cwd=REPO, check=True)  # fmt: skip
+    if docs:
+        os.makedirs(args.docs_dir, exist_ok=True)
+        shutil.copy(os.path.join(args.out_dir, "batch_scaling.json"), args.docs_dir)
+        if first:
+            shutil.copy(png, os.path.join(args.docs_dir, "batch_scaling.png"))
+    return data
+
+
+def main(argv=None):
+    """Pretrain (cached), run what is not done yet, report; returns the report dict (the
+    commands for a dry run)."""
+    args = parse_args(argv)
+    os.makedirs(args.out_dir, exist_ok=True)
+    weights = pretrain(args)
+    names = run_names(args)
+    if args.dry_run:
+        commands = {name: train_command(args, name, weights) for name in names}
+        for cmd in commands.values():
+            print(" ".join(cmd))
+        return commands
+    records = [
+        run_recorded(name, train_command(args, name, weights), args.out_dir, REPO,
+                     make_record(args, name))
+        for name in names
+    ]  # fmt: skip
+    return report(args, records, args.docs)
 
 
 if __name__ == "__main__":

@@ -119,6 +119,10 @@ def add_megdet_config(cfg):
     # Iterations between writes of metrics.json / TensorBoard / the console (detectron2's
     # DefaultTrainer hard-codes 20; LazyConfig calls this train.log_period).
     _C.MEGDET.LOG_PERIOD = 20
+    # Also log the global L2 norm of the gradients (after DDP's all-reduce, before the optimizer
+    # step) as "grad_norm" every iteration, to diagnose an unstable run next to "lr" and the
+    # losses (GradNormHook; one norm per parameter per iteration, no collective).
+    _C.MEGDET.LOG_GRAD_NORM = False
     # Seconds a process waits in a collective (all_reduce, broadcast, barrier) for the others
     # before the job fails with an error, instead of hanging when a process died, froze or
     # diverged. Given to every process group of the run: the world group, detectron2's
@@ -166,6 +170,24 @@ def add_megdet_config(cfg):
     _C.MEGDET.QUICKSTART.ASPECT_RATIOS = [1.0]
     # Seed of the generator: the same seed (and sizes) gives the same images and boxes.
     _C.MEGDET.QUICKSTART.SEED = 0
+    # Difficulty (the defaults draw the quickstart data byte for byte; a harder variant, for
+    # detection accuracy well below saturation: configs/experiments/shapes_hard_R18_FPN.yaml).
+    # Shape classes, the first NUM_CLASSES of square, circle, triangle, diamond, cross, ring
+    # (a circle with a hole), hexagon, triangle_down (1-8); MODEL.ROI_HEADS.NUM_CLASSES must
+    # match.
+    _C.MEGDET.QUICKSTART.NUM_CLASSES = 3
+    # Objects per image, drawn uniformly from 1..MAX_OBJECTS.
+    _C.MEGDET.QUICKSTART.MAX_OBJECTS = 4
+    # Object side, drawn uniformly in [low, high] x the shorter image side.
+    _C.MEGDET.QUICKSTART.OBJECT_SIZE = [0.125, 0.375]
+    # An object is placed only where its box has IoU below this with every earlier one (up to
+    # 10 tries, else it is left out); higher: more, and more overlapping, objects.
+    _C.MEGDET.QUICKSTART.MAX_OVERLAP = 0.1
+    # Unannotated distractors per image, drawn under the objects: lines, outlines of boxes and
+    # ellipses, small blobs, in any colour.
+    _C.MEGDET.QUICKSTART.CLUTTER = 0
+    # Standard deviation of Gaussian pixel noise added to every image (0-255 units; 0 = none).
+    _C.MEGDET.QUICKSTART.NOISE = 0.0
 
     # ---------------------------------------------------------------------------------------
     # Deprecated names of the previous layout (DEPRECATED_KEYS), moved by upgrade_config.
@@ -173,7 +195,8 @@ def add_megdet_config(cfg):
     _C.LOG_PERIOD = _C.MEGDET.LOG_PERIOD
     _C.MODEL.MEGDET = CN()
     _C.MODEL.MEGDET.SUBLINEAR_MEMORY = _C.MEGDET.SUBLINEAR_MEMORY
-    _C.DATASETS.QUICKSTART = _C.MEGDET.QUICKSTART.clone()
+    # only the keys that had the old name (the difficulty keys never did)
+    _C.DATASETS.QUICKSTART = CN({k: _C.MEGDET.QUICKSTART[k] for k in _QUICKSTART_KEYS})
     return cfg
 
 

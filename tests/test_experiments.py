@@ -1,9 +1,14 @@
-"""experiments/bn_size_trend.py: argument handling and the commands it would run (no training)."""
+"""experiments/: bn_size_trend.py's commands, batch_scaling.py's commands and its smoke version
+(pretraining a few steps, two tiny runs, resuming), pretrain_backbone.py's checkpoint."""
 
 import json
+import os
 
 import pytest
+import torch
+from detectron2.modeling import build_model
 
+from megdet_d2.engine import MegDetCheckpointer
 from tests.utils.scripts import load_script
 
 bn_size_trend = load_script("experiments/bn_size_trend.py")
@@ -36,40 +41,108 @@ def test_final_ap(tmp_path):
 
 
 batch_scaling = load_script("experiments/batch_scaling.py")
+pretrain_backbone = load_script("experiments/pretrain_backbone.py")
+SMOKE_PRETRAIN = ["--steps", "30", "--batch", "8", "--num-images", "8", "--num-val", "4"]
 
 
-def test_batch_scaling_commands():
-    cmds = batch_scaling.main(["--dry-run", "--out-dir", "o"])
-    assert list(cmds) == list(batch_scaling.VARIANTS)
+def _value(cmd, key):
+    return cmd[cmd.index(key) + 1]
 
-    def value(variant, key):
-        cmd = cmds[variant]
-        return cmd[len(cmd) - 1 - cmd[::-1].index(key) + 1]  # the last occurrence wins
 
-    for variant, batch, warmup, reference, norm in [
-        ("b4", "4", "64", "4", "CGBN"), ("b32", "32", "8", "4", "CGBN"),
-        ("b32_nowarmup", "32", "0", "4", "CGBN"), ("b32_noscale", "32", "8", "32", "CGBN"),
-        ("b32_bn", "32", "8", "4", "BN"),
+def test_batch_scaling_commands(tmp_path):
+    cmds = batch_scaling.main(["--dry-run", "--out-dir", str(tmp_path)])
+    assert len(cmds) == 20 and list(cmds)[:3] == ["base_s1", "bn_base_s1", "recipe_4x_s1"]
+    assert {n for n in cmds if n.endswith("_s3")} == {
+        "base_s3", "bn_base_s3", "recipe_8x_s3", "trend_bn2_s3", "trend_bn8_s3"
+    }  # fmt: skip
+    for name, batch, warmup, reference, norm, fpn in [
+        ("base_s1", "4", "0", "4", "FrozenBN", ""), ("bn_base_s2", "4", "0", "4", "CGBN", "CGBN"),
+        ("recipe_8x_s1", "32", "25", "4", "CGBN", "CGBN"),  # one epoch of 800 images
+        ("recipe_8x_nowarmup_s1", "32", "0", "4", "CGBN", "CGBN"),
+        ("frozen_8x_halflr_s1", "32", "25", "8", "FrozenBN", ""),
+        ("perproc_bn_8x_s1", "32", "25", "4", "BN", "BN"),
+        ("trend_bn8_s3", "8", "100", "4", "CGBN", "CGBN"),
     ]:  # fmt: skip
-        assert value(variant, "SOLVER.IMS_PER_BATCH") == batch
-        assert value(variant, "SOLVER.WARMUP_ITERS") == warmup  # one epoch of 256 images
-        assert value(variant, "SOLVER.MEGDET.REFERENCE_BATCH_SIZE") == reference
-        assert value(variant, "MODEL.RESNETS.NORM") == norm
-        assert value(variant, "SOLVER.MEGDET.SCHEDULE") == "normal"
-        assert value(variant, "SOLVER.MEGDET.EPOCHS") == "8"
-    assert value("b4_seed2", "SEED") == "7"
+        cmd = cmds[name]
+        assert _value(cmd, "SOLVER.IMS_PER_BATCH") == batch
+        assert _value(cmd, "SOLVER.WARMUP_ITERS") == warmup
+        assert _value(cmd, "SOLVER.MEGDET.REFERENCE_BATCH_SIZE") == reference
+        assert (_value(cmd, "MODEL.RESNETS.NORM"), _value(cmd, "MODEL.FPN.NORM")) == (norm, fpn)
+        assert _value(cmd, "SOLVER.MEGDET.SCHEDULE") == "normal"
+        assert _value(cmd, "SOLVER.MEGDET.EPOCHS") == "8"
+        assert _value(cmd, "SEED") == name[-1] and _value(cmd, "MODEL.WEIGHTS")
+    # recipe_8x: 800 images x 8 epochs / 32 = 200 updates, as issue #18 asks
+    assert 800 * 8 // 32 >= 200
 
 
-def test_batch_scaling_smoke(tmp_path):
-    """Two tiny runs end to end: real train_net.py (2 processes), evaluation every epoch,
-    the table and the figures."""
-    out = tmp_path / "bs"
-    results = batch_scaling.main(["--variants", "b4", "b16", "--epochs", "6", "--num-train",
-                                  "16", "--num-val", "8", "--out-dir", str(out)])  # fmt: skip
-    for variant, iterations in (("b4", 24), ("b16", 6)):
-        summary, _, rc = results[variant]
-        assert rc == 0, (out / variant / "train.log").read_text()[-3000:]
-        assert summary["iterations"] == iterations and len(summary["ap"]) == 6, summary
+@pytest.mark.parametrize("argv", [["--runs", "b4"], ["--epochs", "1"], ["--num-train", "16"]])
+def test_batch_scaling_bad_arguments(argv):
+    with pytest.raises(SystemExit):
+        batch_scaling.parse_args(argv)
+
+
+@pytest.fixture(scope="module")
+def smoke_pretrained(tmp_path_factory):
+    """pretrain_backbone.py a few steps, with the settings batch_scaling.py --smoke uses (so
+    the smoke experiment finds it cached)."""
+    out = tmp_path_factory.mktemp("bs")
+    pth, result = pretrain_backbone.main(
+        ["--out-dir", str(out / "pretrained"), "--threads", "1", *SMOKE_PRETRAIN]
+    )
+    return out, pth, result
+
+
+@pytest.mark.parametrize("norm", ["CGBN", "FrozenBN"])
+def test_pretrained_checkpoint_loads_with_only_the_heads_missing(smoke_pretrained, norm):
+    _, pth, result = smoke_pretrained
+    assert 0 <= result["top1"] <= 100 and result["seconds"] > 0
+    assert pretrain_backbone.main(["--out-dir", os.path.dirname(pth), *SMOKE_PRETRAIN])[0] == pth
+    cfg = pretrain_backbone.load_config(pretrain_backbone.CONFIG)
+    cfg.MODEL.RESNETS.NORM = norm  # the base runs' FrozenBN too
+    model = build_model(cfg)
+    checkpointer = MegDetCheckpointer(model)
+    incompatible = checkpointer._load_model(torch.load(pth, weights_only=True))  # as load() does
+    # num_batches_tracked: a counter FrozenBN does not keep (unused with momentum 0.1)
+    unexpected, missing = (
+        [k for k in keys if not k.endswith("num_batches_tracked")]
+        for keys in (incompatible.unexpected_keys, incompatible.missing_keys)
+    )
+    assert not unexpected and not incompatible.incorrect_shapes
+    heads = ("backbone.fpn_", "backbone.top_block", "proposal_generator.", "roi_heads.")
+    assert missing and all(k.startswith(heads) for k in missing), missing
+    saved = torch.load(pth, weights_only=True)["model"]
+    key = "backbone.bottom_up.res4.0.conv1.norm.running_var"  # BN statistics, trained
+    assert torch.equal(model.state_dict()[key], saved[key]) and not torch.all(saved[key] == 1)
+
+
+def test_batch_scaling_smoke(smoke_pretrained):
+    """base + recipe_4x, 2 epochs of 48 images: real train_net.py (2 processes), records,
+    table, figures, docs; a second call skips the finished runs."""
+    out, _, _ = smoke_pretrained
+    docs = out / "docs"
+    argv = ["--smoke", "--out-dir", str(out), "--docs", "--docs-dir", str(docs)]
+    data = batch_scaling.main(argv)
+    runs = {r["name"]: r for r in data["runs"]}
+    assert list(runs) == ["base_s1", "recipe_4x_s1"]
+    for name, iterations, bn, norm in (
+        ("base_s1", 24, 0, "FrozenBN"),
+        ("recipe_4x_s1", 6, 16, "CGBN"),
+    ):
+        r = runs[name]
+        assert r["exit"] == 0, (out / name / "train.log").read_text()[-3000:]
+        assert (r["iterations"], r["bn_size"], r["norm"], r["init"]) == (
+            iterations,
+            bn,
+            norm,
+            "pretrained",
+        )
+        assert len(r["mmAP_per_epoch"]) == 2 and r["mmAP"] == r["mmAP_per_epoch"][-1]
+        assert r["wall_s"] >= r["train_s"] > 0 and r["seed"] == 1
+    metrics = [json.loads(line) for line in open(out / "recipe_4x_s1" / "metrics.json")]
+    assert all("grad_norm" in m and "lr" in m for m in metrics if "total_loss" in m)
     table = (out / "table.md").read_text().splitlines()
-    assert len(table) == 4 and table[2].startswith("| b4 | 4 | 4 | r | 24 |"), table
-    assert (out / "curves.png").stat().st_size > 10_000
+    assert len(table) == 4 and table[3].startswith("| recipe_4x | 16 | 16 | CGBN | k*r | yes | 6 |")
+    assert json.loads((docs / "batch_scaling.json").read_text())["runs"] == data["runs"]
+    assert (docs / "batch_scaling.png").stat().st_size > 10_000
+    again = batch_scaling.main(argv)  # resumable: both records found, nothing retrained
+    assert again["runs"] == data["runs"]

@@ -1,7 +1,7 @@
 from .checkpoint import MegDetCheckpointer, remove_stale_temporaries
 from .config_file import merge_config, set_after
 from .dist_url import resolve_dist_url
-from .hooks import SAMPLE_STATS_KEYS, SampleStatsHook
+from .hooks import SAMPLE_STATS_KEYS, GradNormHook, SampleStatsHook
 from .launch import launch, launched_by_torchrun, process_layout
 from .layout import bn_size, check_written_for, setup_cgbn_groups
 from .list_keys import check_list_keys
@@ -25,6 +25,7 @@ __all__ = [
     "MegDetJSONWriter",
     "MegDetTrainer",
     "NamedImageErrors",
+    "GradNormHook",
     "SAMPLE_STATS_KEYS",
     "SampleStatsHook",
     "bn_size",

@@ -1,11 +1,12 @@
-"""Training hooks for the paper's statistics (Table 1: positive / negative sample ratio)."""
+"""Training hooks for the paper's statistics (Table 1: positive / negative sample ratio) and
+for diagnosing a run (the gradient norm of every iteration)."""
 
 import torch
 import torch.distributed as dist
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-__all__ = ["SampleStatsHook", "SAMPLE_STATS_KEYS"]
+__all__ = ["GradNormHook", "SampleStatsHook", "SAMPLE_STATS_KEYS"]
 
 # What detectron2's samplers put into the event storage every iteration, in each process, as a
 # MEAN over that process's images (StandardROIHeads.label_and_sample_proposals,
@@ -54,3 +55,16 @@ class SampleStatsHook(HookBase):
         if neg > 0:
             ratio = sums["sample_stats/roi_num_pos"] / neg
             storage.put_scalar("sample_stats/roi_pos_neg_ratio", ratio, smoothing_hint=False)
+
+
+class GradNormHook(HookBase):
+    """Put the global L2 norm of the gradients (after DDP's all-reduce, before the optimizer
+    step and weight decay) into the storage as ``grad_norm`` every iteration; no collective.
+    With ``MEGDET.LOG_PERIOD 1`` metrics.json holds it per iteration next to ``lr`` and the
+    losses (``MEGDET.LOG_GRAD_NORM``)."""
+
+    def after_backward(self):
+        grads = [p.grad for p in self.trainer.model.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([g.detach().norm() for g in grads]))
+            self.trainer.storage.put_scalar("grad_norm", norm.item(), smoothing_hint=False)

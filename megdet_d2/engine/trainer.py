@@ -4,7 +4,8 @@ Detectron2's ``create_ddp_model`` always passes ``device_ids=[local_rank]``, whi
 ``DistributedDataParallel`` rejects for CPU modules, so ``DefaultTrainer`` cannot train with
 several CPU (gloo) processes. ``create_ddp_model`` here leaves ``device_ids`` unset for CPU models
 and defers to detectron2 otherwise. ``MegDetTrainer`` uses it, and writes metrics every
-``cfg.MEGDET.LOG_PERIOD`` iterations, with the Table 1 sample statistics (``MEGDET.SAMPLE_STATS``).
+``cfg.MEGDET.LOG_PERIOD`` iterations, with the Table 1 sample statistics (``MEGDET.SAMPLE_STATS``)
+and, optionally, the gradient norm (``MEGDET.LOG_GRAD_NORM``).
 
 For long runs it also: saves checkpoints atomically and refuses ones whose shapes do not fit
 (``MegDetCheckpointer``) or that load under half of the model; on ``--resume`` continues the
@@ -51,7 +52,7 @@ from ..data import ResumableBatchSampler, build_resumable_train_loader
 from ..errors import ConfigError
 from ..utils.seeds import derived_seed
 from .checkpoint import MegDetCheckpointer, atomic_write
-from .hooks import SampleStatsHook
+from .hooks import GradNormHook, SampleStatsHook
 
 __all__ = ["MegDetJSONWriter", "MegDetTrainer", "create_ddp_model", "NamedImageErrors"]
 
@@ -178,6 +179,9 @@ class MegDetTrainer(DefaultTrainer):
             create_ddp_model=create_ddp_model, DetectionCheckpointer=checkpointer
         ):
             super().__init__(cfg)
+        # DefaultTrainer's inner SimpleTrainer calls after_backward on its own (empty) hook
+        # list: run this trainer's hooks there (GradNormHook needs the gradients).
+        self._trainer.after_backward = self.after_backward
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -282,4 +286,7 @@ class MegDetTrainer(DefaultTrainer):
             writer = [i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)]
             images = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
             ret.insert(writer[0] if writer else len(ret), SampleStatsHook(images))
+        if self.cfg.MEGDET.LOG_GRAD_NORM:  # before the writer, like the sample statistics
+            writer = [i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)]
+            ret.insert(writer[0] if writer else len(ret), GradNormHook())
         return ret

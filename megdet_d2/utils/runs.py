@@ -1,10 +1,16 @@
-"""Run a series of ``train_net.py`` command lines, one after the other (the experiments)."""
+"""Run ``train_net.py`` command lines one after the other and summarise each run (the
+experiments): launching, per-run records, resuming a series run by run."""
 
+import json
 import os
 import subprocess
 import time
 
-__all__ = ["run_training_commands"]
+from .outputs import read_metrics
+
+__all__ = ["read_record", "run_recorded", "run_training_commands", "summarize_run"]
+
+RECORD = "record.json"  # a finished run's record, in its output folder
 
 
 def run_training_commands(commands, out_dir, cwd, dry_run=False):
@@ -29,3 +35,51 @@ def run_training_commands(commands, out_dir, cwd, dry_run=False):
         results[name] = (rc, time.monotonic() - start)
         print(f"   exit {rc} after {results[name][1]:.0f} s", flush=True)
     return results
+
+
+def summarize_run(run_dir):
+    """AP / AR at each evaluation, iterations and training seconds (the per-iteration ``time``
+    integrated over iterations: evaluation and hooks excluded) of one run; None without
+    metrics.json."""
+    if not os.path.isfile(os.path.join(run_dir, "metrics.json")):
+        return None
+    records = read_metrics(run_dir)
+    evals = [r for r in records if "bbox/AP" in r]
+    seconds, last = 0.0, -1
+    for r in records:
+        if "time" in r:
+            seconds += r["time"] * (r["iteration"] - last)
+            last = r["iteration"]
+    return {
+        "ap": [r["bbox/AP"] for r in evals],
+        "ar": [r.get("bbox/AR") for r in evals],
+        "iterations": max((r["iteration"] for r in records if "lr" in r), default=-1) + 1,
+        "train_s": seconds,
+    }
+
+
+def read_record(run_dir):
+    """The run's ``record.json`` (None if the run has not finished)."""
+    path = os.path.join(run_dir, RECORD)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_recorded(name, cmd, out_dir, cwd, make_record, rerun_failed=True):
+    """Run one command unless ``out_dir/name/record.json`` exists (a finished run; a failed
+    one is run again when ``rerun_failed``), then write its record: ``make_record(run_dir,
+    exit status, wall-clock seconds)`` -> dict. Returns the record."""
+    run_dir = os.path.join(out_dir, name)
+    record = read_record(run_dir)
+    if record is not None and (record.get("exit") == 0 or not rerun_failed):
+        print(f"== {name}: done before (record.json), skipped", flush=True)
+        return record
+    rc, wall = run_training_commands({name: cmd}, out_dir, cwd)[name]
+    record = make_record(run_dir, rc, wall)
+    tmp = os.path.join(run_dir, RECORD + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(tmp, os.path.join(run_dir, RECORD))  # complete or absent
+    return record
