@@ -512,10 +512,12 @@ def _check_model_builds(cfg):
         except Exception as e:  # any component's own check: reported below if both fail
             errors.append(e)
     e = errors[-1]
+    fix = "fix the key that this component reads"
+    if isinstance(e, ImportError):  # e.g. DeformConv without detectron2's compiled _C
+        fix = "install what it needs, or use a config without that component"
     raise ConfigError(
         f"MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE!r} cannot be built from this "
-        f"config ({type(e).__name__}{_where(e)}: {first_line(e) or 'no message'}); fix the "
-        "key that this component reads"
+        f"config ({type(e).__name__}{_where(e)}: {first_line(e) or 'no message'}); {fix}"
     ) from None
 
 
