@@ -188,14 +188,26 @@ def _mean_std(values):
     return mean, std
 
 
-def _fmt(mean, std, n):
+def _fmt(values):
+    """``mean ± std (seed, seed, ...)`` over the runs that scored, ``—`` if none did."""
+    scored = [v for v in values if v is not None]
+    mean, std = _mean_std(scored)
     if mean is None:
         return "—"
-    return f"{mean:.1f} ± {std:.1f} ({n})" if n > 1 else f"{mean:.1f}"
+    if len(scored) == 1:
+        return f"{mean:.1f}"
+    return f"{mean:.1f} ± {std:.1f} ({', '.join(f'{v:.1f}' for v in scored)})"
+
+
+def _score(value, record):
+    """A run that finished (exit 0) without a single detection scores 0, not "undefined": it
+    counts in the mean. A run that failed has no score."""
+    return 0.0 if value is None and record["exit"] == 0 else value
 
 
 def table(records):
-    """Table-3-style markdown: one row per run kind, mean ± std (number of seeds) over seeds."""
+    """Table-3-style markdown: one row per run kind, mean ± std over seeds (and each seed's
+    value); a finished run without detections scores 0."""
     lines = [
         "| run | batch | BN size | norm | LR | warmup | iterations | train time (s) "
         "| wall-clock (s) | mmAP | mmAR | mmAP after each epoch (mean) | exit |",
@@ -205,9 +217,9 @@ def table(records):
     for kind in kinds:
         rows = [r for r in records if r["kind"] == kind]
         first = rows[0]
-        aps = [r["mmAP"] for r in rows]
-        n = sum(a is not None for a in aps)
-        curves = [r["mmAP_per_epoch"] for r in rows if r["mmAP"] is not None]
+        aps = [_score(r["mmAP"], r) for r in rows]
+        ars = [_score(r["mmAR"], r) for r in rows]
+        curves = [[_score(v, r) for v in r["mmAP_per_epoch"]] for r in rows if r["exit"] == 0]
         per_epoch = " / ".join(
             f"{_mean_std(list(c))[0]:.1f}" if _mean_std(list(c))[0] is not None else "—"
             for c in zip(*curves)
@@ -216,8 +228,8 @@ def table(records):
             f"| {kind} | {first['batch']} | {first['bn_size']} | {first['norm']} | {first['lr']} "
             f"| {'yes' if first['warmup'] else 'no'} | {first['iterations']} "
             f"| {_mean_std([r['train_s'] for r in rows])[0]:.0f} "
-            f"| {_mean_std([r['wall_s'] for r in rows])[0]:.0f} | {_fmt(*_mean_std(aps), n)} "
-            f"| {_fmt(*_mean_std([r['mmAR'] for r in rows]), n)} | {per_epoch} "
+            f"| {_mean_std([r['wall_s'] for r in rows])[0]:.0f} | {_fmt(aps)} "
+            f"| {_fmt(ars)} | {per_epoch} "
             f"| {','.join(str(r['exit']) for r in rows)} |"
         )
     return "\n".join(lines)
@@ -238,10 +250,13 @@ def report(args, records, docs):
     print("\n" + text)
     with open(os.path.join(args.out_dir, "table.md"), "w") as f:
         f.write(text + "\n")
-    first = {}  # one curve per kind: its first seed
-    for r in records:
-        if r["mmAP_per_epoch"] and r["kind"] not in first:
-            first[r["kind"]] = r["name"]
+    first = {}  # one curve per kind: its median seed by final mmAP (no detections: 0)
+    for kind in dict.fromkeys(r["kind"] for r in records):
+        runs = [r for r in records if r["kind"] == kind and r["exit"] == 0]
+        runs = [r for r in runs if any(v is not None for v in r["mmAP_per_epoch"])] or runs
+        if runs:
+            runs.sort(key=lambda r: _score(r["mmAP"], r))
+            first[kind] = runs[(len(runs) - 1) // 2]["name"]
     png = os.path.join(args.out_dir, "curves.png")
     if first:
         title = (f"batch scaling, pretrained R-18 FPN, shapes_hard, {args.epochs} epochs of "

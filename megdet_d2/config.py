@@ -95,7 +95,7 @@ def add_megdet_config(cfg):
     _C.MEGDET = CN()
     # Sub-linear memory (§3.3, Chen et al. 2016): checkpoint the activations of every trainable
     # ResNet block (and of the FPN's normalised convs) and recompute them in backward: R50-FPN
-    # keeps ~0.5x the activations at ~1.2x the time per iteration (benchmarks/bench_sublinear.py),
+    # keeps ~0.5x the activations at 1.0-1.8x the time (CPU, H200; docs/benchmarks.md),
     # so a GPU holds more images (larger BN sizes per GPU). Recomputation reuses the first
     # forward's BN/CGBN statistics: no second running-statistics update and no extra
     # collective. See megdet_d2/modeling/sublinear.py.

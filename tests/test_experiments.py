@@ -117,3 +117,18 @@ def test_batch_scaling_smoke(smoke_pretrained):
     assert (docs / "batch_scaling.png").stat().st_size > 10_000
     again = batch_scaling.main(argv)  # resumable: both records found, nothing retrained
     assert again["runs"] == data["runs"]
+
+
+def test_table_counts_a_run_without_detections_as_zero():
+    """A finished run that detects nothing scores 0 in the mean (not left out); a failed run
+    has no score."""
+
+    def rec(seed, ap, exit=0):
+        return {"kind": "recipe_8x", "batch": 32, "bn_size": 32, "norm": "CGBN", "lr": "k*r",
+                "warmup": True, "iterations": 200, "train_s": 1.0, "wall_s": 2.0, "seed": seed,
+                "mmAP": ap, "mmAR": ap, "mmAP_per_epoch": [ap, ap], "exit": exit}  # fmt: skip
+
+    row = batch_scaling.table([rec(1, None), rec(2, 6.0), rec(3, 24.0)]).splitlines()[2]
+    assert "| 10.0 ± 12.5 (0.0, 6.0, 24.0) |" in row and "| 10.0 / 10.0 | 0,0,0 |" in row
+    row = batch_scaling.table([rec(1, None, exit=1), rec(2, 6.0)]).splitlines()[2]
+    assert "| 6.0 |" in row and row.endswith("| 1,0 |")

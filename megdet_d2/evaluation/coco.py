@@ -11,7 +11,7 @@ never a table of ``nan`` and status 0.
 
 Backend: detectron2's C++ ``COCOeval_opt`` when it is built; otherwise faster-coco-eval's
 ``COCOeval_faster`` when installed (``benchmarks/bench_coco_eval.py``: the same 12 numbers as
-pycocotools to 1e-16, about 9x faster); otherwise pycocotools.
+pycocotools to 1e-16, about 10x faster); otherwise pycocotools.
 """
 
 import contextlib
