@@ -27,7 +27,14 @@ import traceback
 
 from ..errors import CONFIG_ERROR_EXIT_CODE
 
-__all__ = ["JobFailed", "exit_with_parent", "kill_all", "run_worker", "supervise"]
+__all__ = [
+    "JobFailed",
+    "exit_with_parent",
+    "kill_all",
+    "pause_before_traceback",
+    "run_worker",
+    "supervise",
+]
 
 _GRACE_S = 3.0  # for the other workers to end by themselves after the first failure
 _PEER_FAILURE_S = 2.0  # a failing worker's pause before its traceback (see run_worker)
@@ -67,13 +74,19 @@ def _watch_parent(parent_pid):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def pause_before_traceback():
+    """Wait ``_PEER_FAILURE_S`` before printing a failure's traceback in a multi-process job:
+    when the failure is only a peer's end (a collective whose peer exited with a config error),
+    the launcher or torchrun's agent stops this process meanwhile, and the peer's one line stays
+    the last word. A real failure is reported as before, two seconds later."""
+    time.sleep(_PEER_FAILURE_S)
+
+
 def run_worker(fn, args, rank, report_path=None):
     """``fn(*args)``; if it raises, print the traceback, report one line (to ``report_path``
     for the launcher, else to stderr) and end the process with status 1.
 
-    The traceback waits ``_PEER_FAILURE_S`` first: when this failure is only a peer's end (a
-    collective whose peer exited with a config error), the launcher or torchrun's agent stops
-    this process meanwhile, and the peer's one line stays the last word."""
+    The traceback waits first (:func:`pause_before_traceback`)."""
     try:
         return fn(*args)
     except BaseException as e:  # every failure, KeyboardInterrupt included, ends the process
@@ -82,7 +95,7 @@ def run_worker(fn, args, rank, report_path=None):
         if isinstance(e, SystemExit) and isinstance(e.code, int):  # e.g. a config error: its
             _flush()  # one line is printed already; keep its status, add no traceback
             os._exit(e.code)
-        time.sleep(_PEER_FAILURE_S)
+        pause_before_traceback()
         traceback.print_exc()
         reason = _one_line(e)
         if report_path is not None:

@@ -53,19 +53,29 @@ from ..errors import ConfigError
 from ..utils.seeds import derived_seed
 from .checkpoint import MegDetCheckpointer, atomic_write
 from .hooks import GradNormHook, SampleStatsHook
+from .supervise import pause_before_traceback
 
 __all__ = ["MegDetJSONWriter", "MegDetTrainer", "create_ddp_model", "NamedImageErrors"]
 
 
-class _NoConfigErrorTraceback(logging.Filter):
-    """Drop detectron2's "Exception during training:" traceback for a ``ConfigError``: it ends
-    the process with its own one line (``exit_on_config_error``)."""
+class _TrainLoopTraceback(logging.Filter):
+    """Detectron2's train loop logs "Exception during training:" with its traceback as soon as
+    a step fails, before the worker's own report. Drop it for a ``ConfigError`` (that ends the
+    process with its own one line, ``exit_on_config_error``); in a multi-process job delay it
+    like the worker's report (:func:`pause_before_traceback`), so that a peer whose collective
+    failed because a loader found a bad image is stopped before it prints a traceback."""
 
     def filter(self, record):
-        return not (record.exc_info and isinstance(record.exc_info[1], ConfigError))
+        if not record.exc_info:
+            return True
+        if isinstance(record.exc_info[1], ConfigError):
+            return False
+        if comm.get_world_size() > 1:
+            pause_before_traceback()
+        return True
 
 
-logging.getLogger(d2_train_loop.__name__).addFilter(_NoConfigErrorTraceback())
+logging.getLogger(d2_train_loop.__name__).addFilter(_TrainLoopTraceback())
 
 
 class NamedImageErrors:
