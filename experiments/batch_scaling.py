@@ -7,12 +7,14 @@ built-in data) from the backbone ``experiments/pretrain_backbone.py`` makes (onc
 2 CPU processes, for the same number of epochs, the "normal" preset stretched to them
 (``SOLVER.MEGDET.EPOCHS``: x0.1 at 8/11 and 10/11 of training), evaluating every epoch. The
 rate r = 0.02 is set at the base batch B = 4 (2 x 2, ``REFERENCE_BATCH_SIZE 4``, the "16-base"
-analogue); k = batch / 4; a warmup lasts one epoch, from r to k·r.
+analogue); k = batch / 4; a warmup lasts one epoch (three in ``recipe_8x_warmup3``), from r to k·r.
 
 * ``base``: batch B, FrozenBN backbone (pretrained statistics), no FPN norm, r (3 seeds);
 * ``bn_base``: batch B, CGBN (BN size 4) in backbone and FPN, r (3 seeds);
 * ``recipe_4x`` / ``recipe_8x``: 4B / 8B, CGBN, k·r with warmup (recipe_8x: 3 seeds);
 * ``recipe_8x_nowarmup``: 8B, k·r from iteration 0;
+* ``recipe_8x_warmup3``: 8B as ``recipe_8x`` with a warmup of 3 epochs (3 seeds): is the
+  one-epoch warmup (25 updates) what fails at 8x?
 * ``frozen_8x`` / ``frozen_8x_halflr``: 8B, FrozenBN, k·r / k·r/2 with warmup;
 * ``perproc_bn_8x``: 8B, per-process BN (BN size 16) instead of CGBN;
 * ``trend_bn2`` / ``trend_bn8`` (3 seeds each): the BN-size trend with ``bn_base`` (BN size 4)
@@ -50,18 +52,19 @@ NORMS = {  # norm field -> backbone / FPN overrides
     "CGBN": ["MODEL.RESNETS.NORM", "CGBN", "MODEL.FPN.NORM", "CGBN"],
     "BN": ["MODEL.RESNETS.NORM", "BN", "MODEL.FPN.NORM", "BN"],
 }
-# name -> (batch, norm, lr policy, warmup, seeds)
+# name -> (batch, norm, lr policy, warmup epochs, seeds)
 RUNS = {
-    "base": (4, "FrozenBN", "r", False, 3),
-    "bn_base": (4, "CGBN", "r", False, 3),
-    "recipe_4x": (16, "CGBN", "k*r", True, 1),
-    "recipe_8x": (32, "CGBN", "k*r", True, 3),
-    "recipe_8x_nowarmup": (32, "CGBN", "k*r", False, 1),
-    "frozen_8x": (32, "FrozenBN", "k*r", True, 1),
-    "frozen_8x_halflr": (32, "FrozenBN", "k*r/2", True, 1),
-    "perproc_bn_8x": (32, "BN", "k*r", True, 1),
-    "trend_bn2": (4, "BN", "r", False, 3),
-    "trend_bn8": (8, "CGBN", "k*r", True, 3),
+    "base": (4, "FrozenBN", "r", 0, 3),
+    "bn_base": (4, "CGBN", "r", 0, 3),
+    "recipe_4x": (16, "CGBN", "k*r", 1, 1),
+    "recipe_8x": (32, "CGBN", "k*r", 1, 3),
+    "recipe_8x_nowarmup": (32, "CGBN", "k*r", 0, 1),
+    "frozen_8x": (32, "FrozenBN", "k*r", 1, 1),
+    "frozen_8x_halflr": (32, "FrozenBN", "k*r/2", 1, 1),
+    "perproc_bn_8x": (32, "BN", "k*r", 1, 1),
+    "trend_bn2": (4, "BN", "r", 0, 3),
+    "trend_bn8": (8, "CGBN", "k*r", 1, 3),
+    "recipe_8x_warmup3": (32, "CGBN", "k*r", 3, 3),
 }
 SEEDS = (1, 2, 3)
 SMOKE_RUNS = ("base", "recipe_4x")
@@ -136,7 +139,7 @@ def train_command(args, name, weights):
     kind, seed = run_names(args)[name]
     batch, norm, policy, warmup, _ = RUNS[kind]
     reference = {"r": batch, "k*r": BASE_BATCH, "k*r/2": 2 * BASE_BATCH}[policy]
-    warmup_iters = math.ceil(args.num_train / batch) if warmup else 0  # one epoch
+    warmup_iters = warmup * math.ceil(args.num_train / batch)  # whole epochs
     return [
         sys.executable, os.path.join(REPO, "train_net.py"), "--num-gpus", str(PROCESSES),
         "--dist-url", "auto", "--config-file", CONFIG, "MODEL.WEIGHTS", weights,
@@ -165,7 +168,8 @@ def make_record(args, name):
             os.remove(os.path.join(run_dir, "model_final.pth"))
         return {
             "name": name, "kind": kind, "batch": batch, "bn_size": bn_size(batch, norm),
-            "norm": norm, "lr": policy, "warmup": warmup, "init": "pretrained", "seed": seed,
+            "norm": norm, "lr": policy, "warmup": warmup > 0, "warmup_epochs": warmup,
+            "init": "pretrained", "seed": seed,
             "iterations": summary["iterations"], "train_s": round(summary["train_s"], 1),
             "wall_s": round(wall, 1), "mmAP_per_epoch": summary["ap"],
             "mmAP": summary["ap"][-1] if complete else None,
@@ -205,6 +209,13 @@ def _score(value, record):
     return 0.0 if value is None and record["exit"] == 0 else value
 
 
+def _warmup(record):
+    """The warmup column: no, yes (one epoch) or N epochs. Records written before
+    ``warmup_epochs`` existed had one-epoch warmups."""
+    epochs = record.get("warmup_epochs", int(record["warmup"]))
+    return {0: "no", 1: "yes"}.get(epochs, f"{epochs} epochs")
+
+
 def table(records):
     """Table-3-style markdown: one row per run kind, mean ± std over seeds (and each seed's
     value); a finished run without detections scores 0."""
@@ -226,7 +237,7 @@ def table(records):
         ) if curves else "—"  # fmt: skip
         lines.append(
             f"| {kind} | {first['batch']} | {first['bn_size']} | {first['norm']} | {first['lr']} "
-            f"| {'yes' if first['warmup'] else 'no'} | {first['iterations']} "
+            f"| {_warmup(first)} | {first['iterations']} "
             f"| {_mean_std([r['train_s'] for r in rows])[0]:.0f} "
             f"| {_mean_std([r['wall_s'] for r in rows])[0]:.0f} | {_fmt(aps)} "
             f"| {_fmt(ars)} | {per_epoch} "

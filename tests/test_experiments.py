@@ -13,6 +13,7 @@ from tests.utils.scripts import load_script
 
 batch_scaling = load_script("experiments/batch_scaling.py")
 pretrain_backbone = load_script("experiments/pretrain_backbone.py")
+bn_stats_check = load_script("experiments/bn_stats_check.py")
 SMOKE_PRETRAIN = ["--steps", "30", "--batch", "8", "--num-images", "8", "--num-val", "4"]
 
 
@@ -22,14 +23,16 @@ def _value(cmd, key):
 
 def test_batch_scaling_commands(tmp_path):
     cmds = batch_scaling.main(["--dry-run", "--out-dir", str(tmp_path)])
-    assert len(cmds) == 20 and list(cmds)[:3] == ["base_s1", "bn_base_s1", "recipe_4x_s1"]
+    assert len(cmds) == 23 and list(cmds)[:3] == ["base_s1", "bn_base_s1", "recipe_4x_s1"]
     assert {n for n in cmds if n.endswith("_s3")} == {
-        "base_s3", "bn_base_s3", "recipe_8x_s3", "trend_bn2_s3", "trend_bn8_s3"
+        "base_s3", "bn_base_s3", "recipe_8x_s3", "trend_bn2_s3", "trend_bn8_s3",
+        "recipe_8x_warmup3_s3",
     }  # fmt: skip
     for name, batch, warmup, reference, norm, fpn in [
         ("base_s1", "4", "0", "4", "FrozenBN", ""), ("bn_base_s2", "4", "0", "4", "CGBN", "CGBN"),
         ("recipe_8x_s1", "32", "25", "4", "CGBN", "CGBN"),  # one epoch of 800 images
         ("recipe_8x_nowarmup_s1", "32", "0", "4", "CGBN", "CGBN"),
+        ("recipe_8x_warmup3_s2", "32", "75", "4", "CGBN", "CGBN"),  # three epochs
         ("frozen_8x_halflr_s1", "32", "25", "8", "FrozenBN", ""),
         ("perproc_bn_8x_s1", "32", "25", "4", "BN", "BN"),
         ("trend_bn8_s3", "8", "100", "4", "CGBN", "CGBN"),
@@ -91,7 +94,15 @@ def test_batch_scaling_smoke(smoke_pretrained):
     table, figures, docs; a second call skips the finished runs."""
     out, _, _ = smoke_pretrained
     docs = out / "docs"
-    argv = ["--smoke", "--out-dir", str(out), "--docs", "--docs-dir", str(docs)]
+    argv = [
+        "--smoke",
+        "--out-dir",
+        str(out),
+        "--docs",
+        "--docs-dir",
+        str(docs),
+        "--keep-checkpoints",
+    ]
     data = batch_scaling.main(argv)
     runs = {r["name"]: r for r in data["runs"]}
     assert list(runs) == ["base_s1", "recipe_4x_s1"]
@@ -117,6 +128,24 @@ def test_batch_scaling_smoke(smoke_pretrained):
     assert (docs / "batch_scaling.png").stat().st_size > 10_000
     again = batch_scaling.main(argv)  # resumable: both records found, nothing retrained
     assert again["runs"] == data["runs"]
+    # bn_stats_check.py on a kept checkpoint: evaluates it as trained and re-estimated
+    report = bn_stats_check.main([str(out / "recipe_4x_s1"), "--batches", "2"])
+    assert report["bn_layers"] == 23  # res3-res5 (stem, res2 frozen) and the FPN's 8 convs
+    as_trained = runs["recipe_4x_s1"]["mmAP"] or 0.0  # None: no detection, scored 0
+    assert report["mmAP_mmAR_running_stats"][0] == pytest.approx(as_trained, abs=0.01)
+    assert all(0 <= v <= 100 for v in report["mmAP_mmAR_re_estimated_stats"])
+    with pytest.raises(SystemExit, match="no BN layer with batch statistics"):
+        bn_stats_check.main([str(out / "base_s1"), "--batches", "1"])  # FrozenBN only
+
+
+def test_bn_statistics_gap_in_standard_deviations():
+    """The gap report: mean shift in (re-estimated) standard deviations, variance ratio."""
+    bn = torch.nn.BatchNorm2d(4)
+    bn.running_mean.fill_(1.0)
+    bn.running_var.fill_(4.0)  # std 2
+    before = {"bn": (torch.full((4,), 2.0), torch.full((4,), 8.0))}
+    row = bn_stats_check.statistics_gap(before, {"bn": bn})[0]
+    assert row == {"layer": "bn", "mean_shift_std": 0.5, "var_ratio": 2.0}
 
 
 def test_table_counts_a_run_without_detections_as_zero():
@@ -132,3 +161,7 @@ def test_table_counts_a_run_without_detections_as_zero():
     assert "| 10.0 ± 12.5 (0.0, 6.0, 24.0) |" in row and "| 10.0 / 10.0 | 0,0,0 |" in row
     row = batch_scaling.table([rec(1, None, exit=1), rec(2, 6.0)]).splitlines()[2]
     assert "| 6.0 |" in row and row.endswith("| 1,0 |")
+    # the warmup column: one epoch "yes" (also for records from before warmup_epochs), else N
+    longer = dict(rec(1, 6.0), kind="recipe_8x_warmup3", warmup_epochs=3)
+    rows = batch_scaling.table([rec(1, 6.0), longer]).splitlines()[2:]
+    assert "| CGBN | k*r | yes | 200 |" in rows[0] and "| k*r | 3 epochs | 200 |" in rows[1]
