@@ -3,19 +3,23 @@
 * two "machines" x 2 processes with detectron2's ``--num-machines/--machine-rank/--dist-url``:
   CGBN's default group is each machine's two processes;
 * ``torchrun --nproc-per-node 2 train_net.py``: no second spawn, per-machine group from
-  ``LOCAL_WORLD_SIZE``.
+  ``LOCAL_WORLD_SIZE``;
+* a finished worker destroys its process groups before interpreter teardown.
 
 A few iterations on 8 images each: these prove the launch paths, not the training.
 """
 
+import atexit
 import os
 import signal
 import subprocess
 import sys
 
 import pytest
+import torch.distributed as dist
 
-from megdet_d2.engine import launched_by_torchrun, process_layout
+from megdet_d2.engine import launch, launched_by_torchrun, process_layout
+from megdet_d2.layers.groups import create_cgbn_groups
 from tests.utils.dist import find_free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,3 +105,21 @@ def test_torchrun_runs_without_spawning_again(tmp_path):
     # two ranks trained (not 2 x --num-gpus spawned ones): one log file per rank
     logs = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("log.txt"))
     assert logs == ["log.txt", "log.txt.rank1"], logs
+
+
+def _report_groups_at_exit(out_dir):
+    """``main_func`` of ``launch``: at interpreter exit, write whether a process group is left
+    (left to teardown, a backend's threads can abort a finished worker)."""
+    create_cgbn_groups(2)
+    rank = dist.get_rank()
+
+    def report():
+        with open(os.path.join(out_dir, f"{rank}.txt"), "w") as f:
+            f.write(str(dist.is_initialized()))
+
+    atexit.register(report)
+
+
+def test_launched_workers_destroy_their_process_groups_before_exit(tmp_path):
+    launch(_report_groups_at_exit, 2, args=(str(tmp_path),))
+    assert [(tmp_path / f"{r}.txt").read_text() for r in range(2)] == ["False", "False"]

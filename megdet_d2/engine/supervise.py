@@ -40,6 +40,7 @@ _GRACE_S = 3.0  # for the other workers to end by themselves after the first fai
 _PEER_FAILURE_S = 2.0  # a failing worker's pause before its traceback (see run_worker)
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _MAX_REASON = 400  # characters of an exception message kept in the one-line reason
+_paused = False  # pause_before_traceback has waited in this process
 
 
 class JobFailed(RuntimeError):
@@ -75,11 +76,15 @@ def _watch_parent(parent_pid):
 
 
 def pause_before_traceback():
-    """Wait ``_PEER_FAILURE_S`` before printing a failure's traceback in a multi-process job:
-    when the failure is only a peer's end (a collective whose peer exited with a config error),
-    the launcher or torchrun's agent stops this process meanwhile, and the peer's one line stays
+    """Wait ``_PEER_FAILURE_S`` before printing a failure's traceback, once per process (a failed
+    worker ends; detectron2's train-loop log and :func:`run_worker` both call this): when the
+    failure is only a peer's end (a collective whose peer exited with a config error), the
+    launcher or torchrun's agent stops this process meanwhile, and the peer's one line stays
     the last word. A real failure is reported as before, two seconds later."""
-    time.sleep(_PEER_FAILURE_S)
+    global _paused
+    if not _paused:
+        _paused = True
+        time.sleep(_PEER_FAILURE_S)
 
 
 def run_worker(fn, args, rank, report_path=None):
