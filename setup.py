@@ -21,8 +21,10 @@ setup(
         "faster-coco-eval",
         "matplotlib",
         "tabulate",
+        # the launcher ends a worker together with the data-loader workers it started
+        "psutil",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "black", "isort", "flake8", "psutil"],
+        "dev": ["pytest", "pytest-timeout", "black", "isort", "flake8"],
     },
 )

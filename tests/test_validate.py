@@ -621,9 +621,12 @@ def test_train_net_exits_with_one_line_before_spawning(tmp_path, case):
     assert last.startswith(expected), last
 
 
-def test_image_the_loader_cannot_read_ends_the_job_with_one_line(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])  # 2: read in loader workers, as users run
+def test_image_the_loader_cannot_read_ends_the_job_with_one_line(tmp_path, workers):
     """The start-up check reads headers only: a PNG cut after its header passes it, and the data
-    loader of one worker finds it; that worker prints one line, the job ends with status 2."""
+    loader of one worker finds it (in the process, or in a loader worker with aspect-ratio
+    grouping); that worker prints one line, the job ends with status 2, and its peer, whose
+    collective then fails, prints no traceback."""
     from megdet_d2.data import TRAIN_NAME, prepare_quickstart_data
 
     _, image_dir = prepare_quickstart_data(str(tmp_path / "data"), 8, 4, 128, 0)[TRAIN_NAME]
@@ -653,6 +656,10 @@ def test_image_the_loader_cannot_read_ends_the_job_with_one_line(tmp_path):
         "()",
         "OUTPUT_DIR",
         str(tmp_path / "out"),
+        "DATALOADER.NUM_WORKERS",
+        str(workers),
+        "DATALOADER.ASPECT_RATIO_GROUPING",
+        "True",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)

@@ -22,7 +22,7 @@ from detectron2.engine.launch import DEFAULT_TIMEOUT
 
 from ..errors import ConfigError
 from .process_groups import init_process_groups
-from .supervise import exit_with_parent, kill_all, run_worker, supervise
+from .supervise import exit_with_parent, kill_all, quiet_resource_tracker, run_worker, supervise
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -87,6 +87,7 @@ def launch(
             raise ValueError("dist_url 'auto' needs one machine; give tcp://HOST0:PORT")
         dist_url = f"tcp://127.0.0.1:{find_free_port()}"
     context = mp.get_context("spawn")
+    quiet_resource_tracker()
     processes = {}
     with tempfile.TemporaryDirectory(prefix="megdet_d2_launch_") as report_dir:
         try:

@@ -3,20 +3,24 @@ processes, and the launcher says why in one line.
 
 * Launcher (:func:`supervise`): waits for its workers; at the first one that fails or is
   killed it gives the others a few seconds, kills the rest with SIGKILL (which also ends a
-  stopped process: SIGTERM would stay pending) and raises :class:`JobFailed`. A frozen worker
-  (SIGSTOP, a stalled machine, a hung kernel) is noticed through its peers: a collective waits
-  for it at most the process-group timeout, then fails in them.
+  stopped process: SIGTERM would stay pending), each with the processes it started (its
+  data-loader workers), and raises :class:`JobFailed`. A frozen worker (SIGSTOP, a stalled
+  machine, a hung kernel) is noticed through its peers: a collective waits for it at most the
+  process-group timeout, then fails in them.
 * Worker (:func:`run_worker`): a failure ends the process at once (``os._exit`` after flushing
-  the logs), because a process whose collective failed can hang in interpreter teardown
-  (process-group destructors, non-daemon threads) and would keep the job alive.
+  the logs and killing the processes it started), because a process whose collective failed
+  can hang in interpreter teardown (process-group destructors, non-daemon threads) and would
+  keep the job alive.
 * Worker (:func:`exit_with_parent`): the worker dies with its launcher or torchrun's agent, by
   SIGKILL from the kernel (``PR_SET_PDEATHSIG``, Linux; it reaches a stopped process too) and a
   thread that watches ``os.getppid()`` (any POSIX system, any launcher).
 """
 
+import contextlib
 import ctypes
 import logging
 import multiprocessing.connection
+import multiprocessing.resource_tracker
 import os
 import re
 import signal
@@ -25,6 +29,8 @@ import threading
 import time
 import traceback
 
+import psutil
+
 from ..errors import CONFIG_ERROR_EXIT_CODE
 
 __all__ = [
@@ -32,12 +38,13 @@ __all__ = [
     "exit_with_parent",
     "kill_all",
     "pause_before_traceback",
+    "quiet_resource_tracker",
     "run_worker",
     "supervise",
 ]
 
 _GRACE_S = 3.0  # for the other workers to end by themselves after the first failure
-_PEER_FAILURE_S = 2.0  # a failing worker's pause before its traceback (see run_worker)
+_PEER_FAILURE_S = 2.0  # a failing worker's pause before its traceback (pause_before_traceback)
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _MAX_REASON = 400  # characters of an exception message kept in the one-line reason
 _paused = False  # pause_before_traceback has waited in this process
@@ -72,7 +79,28 @@ def exit_with_parent(parent_pid, kernel_signal=True):
 def _watch_parent(parent_pid):
     while os.getppid() == parent_pid:
         time.sleep(1.0)
+    _kill_children()
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _kill_children():
+    """SIGKILL every process this one started (its data-loader workers). A worker ending with
+    ``os._exit`` or SIGKILL leaves them behind otherwise: one still starting when its parent
+    died records init as its parent, its torch watchdog never fires, and it lives on, holding
+    the job's output pipes open."""
+    _kill_descendants(psutil.Process())
+
+
+def quiet_resource_tracker():
+    """Start multiprocessing's resource tracker, which the launcher's workers and their
+    data-loader workers share, without its warning about leaked semaphores. A failure ends
+    workers by ``os._exit`` or SIGKILL, so their loaders' semaphores are never released; the
+    tracker unlinks them all the same, but its warning, printed when the launcher exits, would
+    follow and bury the job's one-line reason. (A tracker already running keeps its warning.)"""
+    flag = "ignore:resource_tracker:UserWarning"  # the tracker's interpreter gets sys.warnoptions
+    if flag not in sys.warnoptions:
+        sys.warnoptions.append(flag)
+    multiprocessing.resource_tracker.ensure_running()
 
 
 def pause_before_traceback():
@@ -99,6 +127,7 @@ def run_worker(fn, args, rank, report_path=None):
             raise
         if isinstance(e, SystemExit) and isinstance(e.code, int):  # e.g. a config error: its
             _flush()  # one line is printed already; keep its status, add no traceback
+            _kill_children()
             os._exit(e.code)
         pause_before_traceback()
         traceback.print_exc()
@@ -109,6 +138,7 @@ def run_worker(fn, args, rank, report_path=None):
         else:
             print(f"rank {rank} failed: {reason}", file=sys.stderr)
         _flush()
+        _kill_children()
         os._exit(1)
 
 
@@ -178,7 +208,7 @@ def _stop_others(running, grace_s):
         if process.exitcode is None:
             state = _state(process.pid)
             killed.append(f"rank {rank}" + (f" ({state})" if state else ""))
-            process.kill()
+            _kill_tree(process)
     return f"; killed {', '.join(killed)}" if killed else ""
 
 
@@ -196,13 +226,31 @@ def _state(pid):
     }.get(code, "")
 
 
+def _kill_descendants(process):
+    """SIGKILL every process ``process`` (a ``psutil.Process``) started, recursively. psutil
+    checks each is still the process it found (no pid reuse)."""
+    with contextlib.suppress(psutil.Error):  # it ended meanwhile
+        for child in process.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+
+
+def _kill_tree(process):
+    """SIGKILL a started ``multiprocessing.Process`` and the processes it started (first: once
+    it is dead they are re-parented and no longer known as its own)."""
+    with contextlib.suppress(psutil.Error):
+        _kill_descendants(psutil.Process(process.pid))
+    process.kill()
+
+
 def kill_all(processes, timeout_s=30.0):
-    """SIGKILL the processes still running and reap them (a process in uninterruptible sleep
-    may outlive SIGKILL: it is waited for at most ``timeout_s``)."""
+    """SIGKILL the processes still running, with the processes they started, and reap them (a
+    process in uninterruptible sleep may outlive SIGKILL: it is waited for at most
+    ``timeout_s``)."""
     processes = list(processes)
     for process in processes:
         if process.exitcode is None:
-            process.kill()
+            _kill_tree(process)
     deadline = time.monotonic() + timeout_s
     for process in processes:
         process.join(max(0.0, deadline - time.monotonic()))
