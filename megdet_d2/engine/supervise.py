@@ -98,9 +98,14 @@ def quiet_resource_tracker():
     tracker unlinks them all the same, but its warning, printed when the launcher exits, would
     follow and bury the job's one-line reason. (A tracker already running keeps its warning.)"""
     flag = "ignore:resource_tracker:UserWarning"  # the tracker's interpreter gets sys.warnoptions
-    if flag not in sys.warnoptions:
+    added = flag not in sys.warnoptions
+    if added:
         sys.warnoptions.append(flag)
-    multiprocessing.resource_tracker.ensure_running()
+    try:
+        multiprocessing.resource_tracker.ensure_running()
+    finally:  # the workers' command lines stay as they were
+        if added:
+            sys.warnoptions.remove(flag)
 
 
 def pause_before_traceback():
