@@ -6,26 +6,35 @@ Every run fine-tunes ``configs/experiments/shapes_hard_R18_FPN.yaml`` (R-18 FPN 
 built-in data) from the backbone ``experiments/pretrain_backbone.py`` makes (once, cached), in
 2 CPU processes, for the same number of epochs, the "normal" preset stretched to them
 (``SOLVER.MEGDET.EPOCHS``: x0.1 at 8/11 and 10/11 of training), evaluating every epoch. The
-rate r = 0.02 is set at the base batch B = 4 (2 x 2, ``REFERENCE_BATCH_SIZE 4``, the "16-base"
-analogue); k = batch / 4; a warmup lasts one epoch (three in ``recipe_8x_warmup3``), from r to k·r.
+rate r = 0.005 is set at the base batch B = 4 (2 x 2, ``REFERENCE_BATCH_SIZE 4``): detectron2's
+and the paper's 0.02 at batch 16, scaled to 4 by the rule itself, so 8x runs at the paper's
+batch-32 rate 0.04. k = batch / 4; a warmup lasts one epoch, from r to k·r. An epoch is 3,200
+images, so batch 32 makes 100 updates per epoch (issue #26: the paper's regime of updates).
 
+Issue #26's runs (the default), in the order they run:
+
+* ``base`` / ``recipe_8x`` seed 1, then the update-count trend ``base_n800``,
+  ``recipe_8x_n800``, ``base_n1600``, ``recipe_8x_n1600`` (800 / 1,600 images an epoch, with
+  the 3,200 of ``base`` / ``recipe_8x``: 25, 50, 100 updates per epoch at 8x), then seeds 2
+  and 3 of ``base`` and ``recipe_8x``, then the rest;
 * ``base``: batch B, FrozenBN backbone (pretrained statistics), no FPN norm, r (3 seeds);
-* ``bn_base``: batch B, CGBN (BN size 4) in backbone and FPN, r (3 seeds);
-* ``recipe_4x`` / ``recipe_8x``: 4B / 8B, CGBN, k·r with warmup (recipe_8x: 3 seeds);
-* ``recipe_8x_nowarmup``: 8B, k·r from iteration 0;
-* ``recipe_8x_warmup3``: 8B as ``recipe_8x`` with a warmup of 3 epochs (3 seeds): is the
-  one-epoch warmup (25 updates) what fails at 8x?
-* ``frozen_8x`` / ``frozen_8x_halflr``: 8B, FrozenBN, k·r / k·r/2 with warmup;
-* ``perproc_bn_8x``: 8B, per-process BN (BN size 16) instead of CGBN;
-* ``trend_bn2`` / ``trend_bn8`` (3 seeds each): the BN-size trend with ``bn_base`` (BN size 4)
-  and ``recipe_4x`` / ``recipe_8x`` (16 / 32): batch B with per-process BN, and batch 2B with
-  CGBN at k·r + warmup.
+* ``recipe_4x`` / ``recipe_8x`` / ``recipe_16x``: 4B / 8B / 16B, CGBN, k·r with warmup;
+* ``frozen_8x``: 8B, FrozenBN, k·r with warmup (Table 2's failure without BN);
+* ``base_long`` / ``recipe_8x_long``: the "long" preset's shape over 18/11 of the epochs (13).
+
+Issue #18's other kinds stay selectable with ``--runs`` (they run at the settings given):
+``bn_base`` (batch B, CGBN, BN size 4), ``recipe_8x_nowarmup``, ``recipe_8x_warmup3`` (a
+3-epoch warmup), ``frozen_8x_halflr`` (k·r/2), ``perproc_bn_8x`` (per-process BN, BN size 16),
+``trend_bn2`` / ``trend_bn8`` (the BN-size trend).
 
 Resumable run by run: a run whose ``OUT_DIR/<run>/record.json`` says exit 0 is skipped, so the
-same command continues an interrupted series. Writes ``OUT_DIR/batch_scaling.json`` (one record
-per run), ``OUT_DIR/table.md`` (Table-3 style, mean ± std over seeds) and
+same command continues an interrupted series. Each finished run is also archived (its record,
+config and a thinned metrics.json) under ``--records-dir`` (tracked in git,
+``experiments/records/batch_scaling``): a fresh clone restores the runs whose settings match
+and goes on with the rest. Writes ``OUT_DIR/batch_scaling.json`` (one record per run),
+``OUT_DIR/table.md`` (Table-3 style, mean ± std over seeds, and the update-count trend) and
 ``OUT_DIR/curves.png`` (Figures 1 and 4 via ``tools/plot_curves.py``); ``--docs`` also copies
-the json and figure to ``docs/``. About 2 hours on an idle 2-core machine with the defaults.
+the json and figure to ``docs/``. About 3 hours on an idle 2-core machine with the defaults.
 
     python experiments/batch_scaling.py --out-dir output/batch_scaling --docs
     python experiments/batch_scaling.py --smoke --out-dir /tmp/bs  # under a minute: CI
@@ -40,32 +49,61 @@ import platform
 import shutil
 import subprocess
 import sys
+from typing import NamedTuple, Optional
 
 from megdet_d2.utils import run_recorded, summarize_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "experiments", "shapes_hard_R18_FPN.yaml")
 PRETRAIN = os.path.join(REPO, "experiments", "pretrain_backbone.py")
-BASE_LR, BASE_BATCH, PROCESSES = 0.02, 4, 2
+RECORDS = os.path.join(REPO, "experiments", "records", "batch_scaling")
+BASE_LR, BASE_BATCH, PROCESSES, NUM_TRAIN = 0.005, 4, 2, 3200
+LONG_EPOCHS = 18 / 11  # "long" ends at epoch 18 where "normal" ends at 11
 NORMS = {  # norm field -> backbone / FPN overrides
     "FrozenBN": ["MODEL.RESNETS.NORM", "FrozenBN", "MODEL.FPN.NORM", ""],
     "CGBN": ["MODEL.RESNETS.NORM", "CGBN", "MODEL.FPN.NORM", "CGBN"],
     "BN": ["MODEL.RESNETS.NORM", "BN", "MODEL.FPN.NORM", "BN"],
 }
-# name -> (batch, norm, lr policy, warmup epochs, seeds)
+
+
+class Kind(NamedTuple):
+    """One kind of run: batch, norm, LR policy, warmup epochs, seeds, and what it changes of
+    the series' settings (training images; the LR schedule's shape)."""
+
+    batch: int
+    norm: str
+    lr: str
+    warmup: int
+    seeds: int
+    num_train: Optional[int] = None  # None: --num-train
+    schedule: str = "normal"
+
+
 RUNS = {
-    "base": (4, "FrozenBN", "r", 0, 3),
-    "bn_base": (4, "CGBN", "r", 0, 3),
-    "recipe_4x": (16, "CGBN", "k*r", 1, 1),
-    "recipe_8x": (32, "CGBN", "k*r", 1, 3),
-    "recipe_8x_nowarmup": (32, "CGBN", "k*r", 0, 1),
-    "frozen_8x": (32, "FrozenBN", "k*r", 1, 1),
-    "frozen_8x_halflr": (32, "FrozenBN", "k*r/2", 1, 1),
-    "perproc_bn_8x": (32, "BN", "k*r", 1, 1),
-    "trend_bn2": (4, "BN", "r", 0, 3),
-    "trend_bn8": (8, "CGBN", "k*r", 1, 3),
-    "recipe_8x_warmup3": (32, "CGBN", "k*r", 3, 3),
+    # issue #26, in priority order (see run_names)
+    "base": Kind(4, "FrozenBN", "r", 0, 3),
+    "recipe_8x": Kind(32, "CGBN", "k*r", 1, 3),
+    "base_n800": Kind(4, "FrozenBN", "r", 0, 1, num_train=800),
+    "recipe_8x_n800": Kind(32, "CGBN", "k*r", 1, 1, num_train=800),
+    "base_n1600": Kind(4, "FrozenBN", "r", 0, 1, num_train=1600),
+    "recipe_8x_n1600": Kind(32, "CGBN", "k*r", 1, 1, num_train=1600),
+    "recipe_4x": Kind(16, "CGBN", "k*r", 1, 1),
+    "recipe_16x": Kind(64, "CGBN", "k*r", 1, 1),
+    "frozen_8x": Kind(32, "FrozenBN", "k*r", 1, 1),
+    "base_long": Kind(4, "FrozenBN", "r", 0, 1, schedule="long"),
+    "recipe_8x_long": Kind(32, "CGBN", "k*r", 1, 1, schedule="long"),
+    # issue #18's other kinds: --runs only
+    "bn_base": Kind(4, "CGBN", "r", 0, 3),
+    "recipe_8x_nowarmup": Kind(32, "CGBN", "k*r", 0, 1),
+    "frozen_8x_halflr": Kind(32, "FrozenBN", "k*r/2", 1, 1),
+    "perproc_bn_8x": Kind(32, "BN", "k*r", 1, 1),
+    "trend_bn2": Kind(4, "BN", "r", 0, 3),
+    "trend_bn8": Kind(8, "CGBN", "k*r", 1, 3),
+    "recipe_8x_warmup3": Kind(32, "CGBN", "k*r", 3, 3),
 }
+DEFAULT_RUNS = tuple(RUNS)[: list(RUNS).index("recipe_8x_long") + 1]
+CORE = ("base", "recipe_8x")  # the claim: first seed early, the others before the rest
+TREND = ("base_n800", "recipe_8x_n800", "base_n1600", "recipe_8x_n1600")
 SEEDS = (1, 2, 3)
 SMOKE_RUNS = ("base", "recipe_4x")
 
@@ -78,14 +116,17 @@ def bn_size(batch, norm):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=None,
-                        help="run kinds (default: all; --smoke: base recipe_4x)")  # fmt: skip
+                        help="run kinds (default: issue #26's; --smoke: base recipe_4x)")  # fmt: skip
     parser.add_argument("--seeds", type=int, default=None, help="at most this many seeds a kind")
     parser.add_argument("--epochs", type=int, default=8, help="epochs per run")
-    parser.add_argument("--num-train", type=int, default=800, help="training images (an epoch)")
+    parser.add_argument("--num-train", type=int, default=NUM_TRAIN, help="training images (an epoch)")
     parser.add_argument("--num-val", type=int, default=96, help="validation images")
     parser.add_argument("--base-lr", type=float, default=BASE_LR, help="r, at batch 4")
     parser.add_argument("--pretrain-args", default="", help="extra pretrain_backbone.py flags")
     parser.add_argument("--out-dir", default=os.path.join("output", "batch_scaling"))
+    parser.add_argument("--records-dir", default=None,
+                        help=f"finished runs archived here (default {os.path.relpath(RECORDS, REPO)}; "
+                        "--smoke: OUT_DIR/records)")  # fmt: skip
     parser.add_argument("--docs", action="store_true", help="also write docs/batch_scaling.*")
     parser.add_argument("--docs-dir", default=os.path.join(REPO, "docs"), help=argparse.SUPPRESS)
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep model_final.pth")
@@ -101,21 +142,53 @@ def parse_args(argv=None):
         args.seeds, args.epochs, args.num_train, args.num_val = 1, 2, 48, 8
         args.base_lr = 0.002  # a 30-step backbone: r = 0.02 diverges (FrozenBN, no FPN norm)
         args.pretrain_args = "--steps 30 --batch 8 --num-images 8 --num-val 4 " + args.pretrain_args
-    args.runs = args.runs or list(RUNS)
+    args.runs = args.runs or list(DEFAULT_RUNS)
     args.out_dir = os.path.abspath(args.out_dir)  # the runs' working directory is the repo
-    if args.epochs < 2 or args.num_train < max(RUNS[r][0] for r in args.runs):
+    if args.records_dir is None:
+        args.records_dir = os.path.join(args.out_dir, "records") if args.smoke else RECORDS
+    if args.epochs < 2 or any(num_train(args, k) < RUNS[k].batch for k in args.runs):
         parser.error("need --epochs >= 2 and --num-train >= the largest batch")
     return args
 
 
+def num_train(args, kind):
+    """Training images (one epoch) of a kind's runs."""
+    return RUNS[kind].num_train or args.num_train
+
+
+def epochs(args, kind):
+    """Epochs of a kind's runs: "long" lasts 18/11 of the "normal" epochs."""
+    return round(args.epochs * LONG_EPOCHS) if RUNS[kind].schedule == "long" else args.epochs
+
+
 def run_names(args):
-    """``{run name: (kind, seed)}`` in the order they run: every kind's first seed first."""
-    names = {}
+    """``{run name: (kind, seed)}`` in the order they run: the core kinds' first seed and the
+    update-count trend first, then the core's other seeds, then every other kind's seeds (each
+    seed across the kinds before the next)."""
+
+    def tier(kind, seed):
+        if kind in CORE:
+            return 0 if seed == SEEDS[0] else 1
+        return 0 if kind in TREND else 2
+
+    order = []
     for i, seed in enumerate(SEEDS):
-        for kind in args.runs:
-            if i < min(RUNS[kind][4], args.seeds or len(SEEDS)):
-                names[f"{kind}_s{seed}"] = (kind, seed)
-    return names
+        for k, kind in enumerate(args.runs):
+            if i < min(RUNS[kind].seeds, args.seeds or len(SEEDS)):
+                order.append(((tier(kind, seed), i, k), f"{kind}_s{seed}", kind, seed))
+    return {name: (kind, seed) for _, name, kind, seed in sorted(order)}
+
+
+def settings(args, kind):
+    """What a kind's runs were trained with, beyond their kind: a record restored from the
+    archive must match it."""
+    return {
+        "num_train": num_train(args, kind),
+        "num_val": args.num_val,
+        "base_lr": args.base_lr,
+        "epochs": epochs(args, kind),
+        "schedule": RUNS[kind].schedule,
+    }
 
 
 def pretrain(args):
@@ -137,46 +210,93 @@ def pretrain(args):
 def train_command(args, name, weights):
     """The train_net.py command line of one run."""
     kind, seed = run_names(args)[name]
-    batch, norm, policy, warmup, _ = RUNS[kind]
-    reference = {"r": batch, "k*r": BASE_BATCH, "k*r/2": 2 * BASE_BATCH}[policy]
-    warmup_iters = warmup * math.ceil(args.num_train / batch)  # whole epochs
+    k = RUNS[kind]
+    reference = {"r": k.batch, "k*r": BASE_BATCH, "k*r/2": 2 * BASE_BATCH}[k.lr]
+    warmup_iters = k.warmup * math.ceil(num_train(args, kind) / k.batch)  # whole epochs
     return [
         sys.executable, os.path.join(REPO, "train_net.py"), "--num-gpus", str(PROCESSES),
         "--dist-url", "auto", "--config-file", CONFIG, "MODEL.WEIGHTS", weights,
         "MEGDET.QUICKSTART.ROOT", os.path.join(args.out_dir, "data"),
-        "MEGDET.QUICKSTART.NUM_TRAIN", str(args.num_train),
+        "MEGDET.QUICKSTART.NUM_TRAIN", str(num_train(args, kind)),
         "MEGDET.QUICKSTART.NUM_VAL", str(args.num_val),
-        "SOLVER.IMS_PER_BATCH", str(batch), "SOLVER.BASE_LR", str(args.base_lr),
+        "SOLVER.IMS_PER_BATCH", str(k.batch), "SOLVER.BASE_LR", str(args.base_lr),
         "SOLVER.MEGDET.REFERENCE_BATCH_SIZE", str(reference),
-        "SOLVER.MEGDET.SCHEDULE", "normal", "SOLVER.MEGDET.EPOCHS", str(args.epochs),
+        "SOLVER.MEGDET.SCHEDULE", k.schedule, "SOLVER.MEGDET.EPOCHS", str(epochs(args, kind)),
         "SOLVER.MEGDET.EVAL_PERIOD_EPOCHS", "1", "SOLVER.MEGDET.CHECKPOINT_PERIOD_EPOCHS", "0",
         "SOLVER.CHECKPOINT_PERIOD", "1000000", "SOLVER.WARMUP_ITERS", str(warmup_iters),
-        "MEGDET.LOG_PERIOD", "1", "MEGDET.LOG_GRAD_NORM", "True", *NORMS[norm],
+        "MEGDET.LOG_PERIOD", "1", "MEGDET.LOG_GRAD_NORM", "True", *NORMS[k.norm],
         "SEED", str(seed), "OUTPUT_DIR", os.path.join(args.out_dir, name),
     ]  # fmt: skip
 
 
 def make_record(args, name):
-    """The function that turns a finished run's folder into its record."""
+    """The function that turns a finished run's folder into its record (and archives it)."""
     kind, seed = run_names(args)[name]
-    batch, norm, policy, warmup, _ = RUNS[kind]
+    k = RUNS[kind]
 
     def record(run_dir, rc, wall):
         summary = summarize_run(run_dir) or {"ap": [], "ar": [], "iterations": 0, "train_s": 0}
-        complete = rc == 0 and len(summary["ap"]) == args.epochs
+        complete = rc == 0 and len(summary["ap"]) == epochs(args, kind)
         if not args.keep_checkpoints and os.path.isfile(os.path.join(run_dir, "model_final.pth")):
             os.remove(os.path.join(run_dir, "model_final.pth"))
-        return {
-            "name": name, "kind": kind, "batch": batch, "bn_size": bn_size(batch, norm),
-            "norm": norm, "lr": policy, "warmup": warmup > 0, "warmup_epochs": warmup,
-            "init": "pretrained", "seed": seed,
+        rec = {
+            "name": name, "kind": kind, "batch": k.batch, "bn_size": bn_size(k.batch, k.norm),
+            "norm": k.norm, "lr": k.lr, "warmup": k.warmup > 0, "warmup_epochs": k.warmup,
+            "init": "pretrained", "seed": seed, **settings(args, kind),
+            "updates_per_epoch": math.ceil(num_train(args, kind) / k.batch),
             "iterations": summary["iterations"], "train_s": round(summary["train_s"], 1),
             "wall_s": round(wall, 1), "mmAP_per_epoch": summary["ap"],
             "mmAP": summary["ap"][-1] if complete else None,
             "mmAR": summary["ar"][-1] if complete else None, "exit": rc,
         }  # fmt: skip
+        if rc == 0:
+            archive(run_dir, os.path.join(args.records_dir, name), rec)
+        return rec
 
     return record
+
+
+ARCHIVED = ("record.json", "config.yaml", "metrics.json", "train.log")
+THIN = 20  # metrics.json keeps every evaluation and every THIN-th training line
+
+
+def archive(run_dir, dest, rec):
+    """A finished run's record, config, a thinned metrics.json (what the table and figures
+    read) and the log's last lines, to ``dest``: small enough to commit."""
+    os.makedirs(dest, exist_ok=True)
+    shutil.copy(os.path.join(run_dir, "config.yaml"), dest)
+    lines = open(os.path.join(run_dir, "metrics.json")).read().splitlines()
+    kept = [
+        line for i, line in enumerate(lines)
+        if '"bbox/AP"' in line or i % THIN == THIN - 1 or i == len(lines) - 1
+    ]  # fmt: skip
+    with open(os.path.join(dest, "metrics.json"), "w") as f:
+        f.write("\n".join(kept) + "\n")
+    with open(os.path.join(run_dir, "train.log")) as f:
+        tail = f.readlines()[-40:]
+    with open(os.path.join(dest, "train.log"), "w") as f:
+        f.writelines(tail)
+    with open(os.path.join(dest, "record.json"), "w") as f:
+        json.dump(rec, f, indent=1)
+
+
+def restore(args, name):
+    """Copy an archived run with this run's settings back into OUT_DIR (so that it is skipped
+    and reported); True if there was one."""
+    kind, _ = run_names(args)[name]
+    src, run_dir = os.path.join(args.records_dir, name), os.path.join(args.out_dir, name)
+    path = os.path.join(src, "record.json")
+    if os.path.isfile(os.path.join(run_dir, "record.json")) or not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        rec = json.load(f)
+    if rec.get("exit") != 0 or any(rec.get(k) != v for k, v in settings(args, kind).items()):
+        return False
+    os.makedirs(run_dir, exist_ok=True)
+    for file in ARCHIVED:
+        shutil.copy(os.path.join(src, file), run_dir)
+    print(f"== {name}: restored from {os.path.relpath(src, REPO)}", flush=True)
+    return True
 
 
 def _mean_std(values):
@@ -289,8 +409,9 @@ def main(argv=None):
     commands for a dry run)."""
     args = parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
-    weights = pretrain(args)
     names = run_names(args)
+    restored = [] if args.dry_run else [restore(args, name) for name in names]
+    weights = pretrain(args) if args.dry_run or not all(restored) else None  # none to train
     if args.dry_run:
         commands = {name: train_command(args, name, weights) for name in names}
         for cmd in commands.values():

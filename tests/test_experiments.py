@@ -22,31 +22,38 @@ def _value(cmd, key):
 
 
 def test_batch_scaling_commands(tmp_path):
+    """Issue #26's runs: r = 0.005 at batch 4, 3,200 images an epoch (100 updates at 8x, a
+    one-epoch warmup of 100), the core's first seed and the update-count trend first."""
     cmds = batch_scaling.main(["--dry-run", "--out-dir", str(tmp_path)])
-    assert len(cmds) == 23 and list(cmds)[:3] == ["base_s1", "bn_base_s1", "recipe_4x_s1"]
-    assert {n for n in cmds if n.endswith("_s3")} == {
-        "base_s3", "bn_base_s3", "recipe_8x_s3", "trend_bn2_s3", "trend_bn8_s3",
-        "recipe_8x_warmup3_s3",
-    }  # fmt: skip
-    for name, batch, warmup, reference, norm, fpn in [
-        ("base_s1", "4", "0", "4", "FrozenBN", ""), ("bn_base_s2", "4", "0", "4", "CGBN", "CGBN"),
-        ("recipe_8x_s1", "32", "25", "4", "CGBN", "CGBN"),  # one epoch of 800 images
-        ("recipe_8x_nowarmup_s1", "32", "0", "4", "CGBN", "CGBN"),
-        ("recipe_8x_warmup3_s2", "32", "75", "4", "CGBN", "CGBN"),  # three epochs
-        ("frozen_8x_halflr_s1", "32", "25", "8", "FrozenBN", ""),
-        ("perproc_bn_8x_s1", "32", "25", "4", "BN", "BN"),
-        ("trend_bn8_s3", "8", "100", "4", "CGBN", "CGBN"),
+    assert list(cmds) == [
+        "base_s1", "recipe_8x_s1", "base_n800_s1", "recipe_8x_n800_s1", "base_n1600_s1",
+        "recipe_8x_n1600_s1", "base_s2", "recipe_8x_s2", "base_s3", "recipe_8x_s3",
+        "recipe_4x_s1", "recipe_16x_s1", "frozen_8x_s1", "base_long_s1", "recipe_8x_long_s1",
+    ]  # fmt: skip
+    for name, batch, warmup, reference, norm, fpn, images, schedule, epochs in [
+        ("base_s1", "4", "0", "4", "FrozenBN", "", "3200", "normal", "8"),
+        ("recipe_8x_s2", "32", "100", "4", "CGBN", "CGBN", "3200", "normal", "8"),
+        ("recipe_8x_n800_s1", "32", "25", "4", "CGBN", "CGBN", "800", "normal", "8"),
+        ("base_n1600_s1", "4", "0", "4", "FrozenBN", "", "1600", "normal", "8"),
+        ("recipe_16x_s1", "64", "50", "4", "CGBN", "CGBN", "3200", "normal", "8"),
+        ("frozen_8x_s1", "32", "100", "4", "FrozenBN", "", "3200", "normal", "8"),
+        ("recipe_8x_long_s1", "32", "100", "4", "CGBN", "CGBN", "3200", "long", "13"),
     ]:  # fmt: skip
         cmd = cmds[name]
         assert _value(cmd, "SOLVER.IMS_PER_BATCH") == batch
+        assert _value(cmd, "SOLVER.BASE_LR") == "0.005"
         assert _value(cmd, "SOLVER.WARMUP_ITERS") == warmup
         assert _value(cmd, "SOLVER.MEGDET.REFERENCE_BATCH_SIZE") == reference
         assert (_value(cmd, "MODEL.RESNETS.NORM"), _value(cmd, "MODEL.FPN.NORM")) == (norm, fpn)
-        assert _value(cmd, "SOLVER.MEGDET.SCHEDULE") == "normal"
-        assert _value(cmd, "SOLVER.MEGDET.EPOCHS") == "8"
+        assert _value(cmd, "MEGDET.QUICKSTART.NUM_TRAIN") == images
+        assert _value(cmd, "SOLVER.MEGDET.SCHEDULE") == schedule
+        assert _value(cmd, "SOLVER.MEGDET.EPOCHS") == epochs
         assert _value(cmd, "SEED") == name[-1] and _value(cmd, "MODEL.WEIGHTS")
-    # recipe_8x: 800 images x 8 epochs / 32 = 200 updates, as issue #18 asks
-    assert 800 * 8 // 32 >= 200
+    # issue #18's kinds stay selectable, at the settings given
+    old = batch_scaling.main(["--dry-run", "--out-dir", str(tmp_path), "--runs", "bn_base",
+                              "recipe_8x_warmup3", "--num-train", "800", "--base-lr", "0.02"])  # fmt: skip
+    assert len(old) == 6 and _value(old["recipe_8x_warmup3_s2"], "SOLVER.WARMUP_ITERS") == "75"
+    assert _value(old["bn_base_s3"], "SOLVER.BASE_LR") == "0.02"
 
 
 @pytest.mark.parametrize("argv", [["--runs", "b4"], ["--epochs", "1"], ["--num-train", "16"]])
@@ -128,6 +135,14 @@ def test_batch_scaling_smoke(smoke_pretrained):
     assert (docs / "batch_scaling.png").stat().st_size > 10_000
     again = batch_scaling.main(argv)  # resumable: both records found, nothing retrained
     assert again["runs"] == data["runs"]
+    # a fresh clone: the archived runs (records, config, thinned metrics) are restored, so
+    # nothing is pretrained or trained, and the report is the same
+    assert (out / "records" / "base_s1" / "metrics.json").stat().st_size < 100_000
+    fresh = out / "fresh"
+    restored = batch_scaling.main(["--smoke", "--out-dir", str(fresh),
+                                   "--records-dir", str(out / "records")])  # fmt: skip
+    assert restored["runs"] == data["runs"] and not (fresh / "pretrained").exists()
+    assert (fresh / "curves.png").stat().st_size > 10_000
     # bn_stats_check.py on a kept checkpoint: evaluates it as trained and re-estimated
     report = bn_stats_check.main([str(out / "recipe_4x_s1"), "--batches", "2"])
     assert report["bn_layers"] == 23  # res3-res5 (stem, res2 frozen) and the FPN's 8 convs
