@@ -103,7 +103,10 @@ RUNS = {
 }
 DEFAULT_RUNS = tuple(RUNS)[: list(RUNS).index("recipe_8x_long") + 1]
 CORE = ("base", "recipe_8x")  # the claim: first seed early, the others before the rest
-TREND = ("base_n800", "recipe_8x_n800", "base_n1600", "recipe_8x_n1600")
+TREND = {  # the update-count trend: kind -> the core kind it shrinks
+    "base_n800": "base", "recipe_8x_n800": "recipe_8x",
+    "base_n1600": "base", "recipe_8x_n1600": "recipe_8x",
+}  # fmt: skip
 SEEDS = (1, 2, 3)
 SMOKE_RUNS = ("base", "recipe_4x")
 
@@ -115,18 +118,25 @@ def bn_size(batch, norm):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=None,
-                        help="run kinds (default: issue #26's; --smoke: base recipe_4x)")  # fmt: skip
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        choices=list(RUNS),
+        default=None,
+        help="run kinds (default: issue #26's; --smoke: base recipe_4x)",
+    )
     parser.add_argument("--seeds", type=int, default=None, help="at most this many seeds a kind")
     parser.add_argument("--epochs", type=int, default=8, help="epochs per run")
-    parser.add_argument("--num-train", type=int, default=NUM_TRAIN, help="training images (an epoch)")
+    parser.add_argument(
+        "--num-train", type=int, default=NUM_TRAIN, help="training images (an epoch)"
+    )
     parser.add_argument("--num-val", type=int, default=96, help="validation images")
     parser.add_argument("--base-lr", type=float, default=BASE_LR, help="r, at batch 4")
     parser.add_argument("--pretrain-args", default="", help="extra pretrain_backbone.py flags")
     parser.add_argument("--out-dir", default=os.path.join("output", "batch_scaling"))
     parser.add_argument("--records-dir", default=None,
-                        help=f"finished runs archived here (default {os.path.relpath(RECORDS, REPO)}; "
-                        "--smoke: OUT_DIR/records)")  # fmt: skip
+                        help="finished runs archived here (default "
+                        "experiments/records/batch_scaling; --smoke: OUT_DIR/records)")  # fmt: skip
     parser.add_argument("--docs", action="store_true", help="also write docs/batch_scaling.*")
     parser.add_argument("--docs-dir", default=os.path.join(REPO, "docs"), help=argparse.SUPPRESS)
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep model_final.pth")
@@ -336,13 +346,18 @@ def _warmup(record):
     return {0: "no", 1: "yes"}.get(epochs, f"{epochs} epochs")
 
 
+def _mean(values):
+    return _mean_std([v for v in values if v is not None])[0]
+
+
 def table(records):
     """Table-3-style markdown: one row per run kind, mean ± std over seeds (and each seed's
     value); a finished run without detections scores 0."""
     lines = [
-        "| run | batch | BN size | norm | LR | warmup | iterations | train time (s) "
-        "| wall-clock (s) | mmAP | mmAR | mmAP after each epoch (mean) | exit |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | batch | BN size | norm | LR | warmup | images / epoch | updates / epoch "
+        "| iterations | train time (s) | wall-clock (s) | mmAP | mmAR "
+        "| mmAP after each epoch (mean) | exit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     kinds = dict.fromkeys(r["kind"] for r in records)
     for kind in kinds:
@@ -352,22 +367,97 @@ def table(records):
         ars = [_score(r["mmAR"], r) for r in rows]
         curves = [[_score(v, r) for v in r["mmAP_per_epoch"]] for r in rows if r["exit"] == 0]
         per_epoch = " / ".join(
-            f"{_mean_std(list(c))[0]:.1f}" if _mean_std(list(c))[0] is not None else "—"
-            for c in zip(*curves)
+            f"{_mean(c):.1f}" if _mean(c) is not None else "—" for c in zip(*curves)
         ) if curves else "—"  # fmt: skip
         lines.append(
             f"| {kind} | {first['batch']} | {first['bn_size']} | {first['norm']} | {first['lr']} "
-            f"| {_warmup(first)} | {first['iterations']} "
-            f"| {_mean_std([r['train_s'] for r in rows])[0]:.0f} "
-            f"| {_mean_std([r['wall_s'] for r in rows])[0]:.0f} | {_fmt(aps)} "
+            f"| {_warmup(first)} | {first.get('num_train', '—')} "
+            f"| {first.get('updates_per_epoch', '—')} | {first['iterations']} "
+            f"| {_mean([r['train_s'] for r in rows]):.0f} "
+            f"| {_mean([r['wall_s'] for r in rows]):.0f} | {_fmt(aps)} "
             f"| {_fmt(ars)} | {per_epoch} "
             f"| {','.join(str(r['exit']) for r in rows)} |"
         )
     return "\n".join(lines)
 
 
+def trend(records):
+    """The update-count trend (issue #26): for each epoch size with a ``base`` and a
+    ``recipe_8x`` run ("normal" shape), updates per epoch at 8x and the gap, seed 1 (the one
+    seed every size has) and the mean over the seeds there are. ``[]`` if no size has both."""
+    by = {}
+    for r in records:
+        kind = TREND.get(r["kind"], r["kind"])
+        if kind in CORE and r.get("schedule", "normal") == "normal" and "num_train" in r:
+            by.setdefault(r["num_train"], {}).setdefault(kind, []).append(r)
+    rows = []
+    for images in sorted(by):
+        if set(by[images]) != set(CORE):
+            continue
+        base, big = (by[images][k] for k in CORE)
+        s1 = [next((_score(r["mmAP"], r) for r in runs if r["seed"] == SEEDS[0]), None)
+              for runs in (base, big)]  # fmt: skip
+        means = [_mean([_score(r["mmAP"], r) for r in runs]) for runs in (base, big)]
+        rows.append({
+            "images": images, "updates_per_epoch": big[0]["updates_per_epoch"],
+            "updates": big[0]["iterations"], "base_s1": s1[0], "recipe_8x_s1": s1[1],
+            "base_mean": means[0], "recipe_8x_mean": means[1],
+            "seeds": (len(base), len(big)),
+        })  # fmt: skip
+    return rows
+
+
+def trend_table(rows):
+    """``trend(records)`` as markdown."""
+
+    def num(v):
+        return "—" if v is None else f"{v:.1f}"
+
+    def gap(a, b):
+        return "—" if a is None or b is None else f"{b - a:+.1f}"
+
+    lines = [
+        "| images / epoch | updates / epoch at 8× | updates at 8× | base (seed 1) "
+        "| recipe_8x (seed 1) | gap (seed 1) | gap (mean: base, recipe_8x seeds) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for t in rows:
+        lines.append(
+            f"| {t['images']} | {t['updates_per_epoch']} | {t['updates']} | {num(t['base_s1'])} "
+            f"| {num(t['recipe_8x_s1'])} | {gap(t['base_s1'], t['recipe_8x_s1'])} "
+            f"| {gap(t['base_mean'], t['recipe_8x_mean'])} ({t['seeds'][0]}, {t['seeds'][1]}) |"
+        )
+    return "\n".join(lines)
+
+
+def plot_trend(rows, out_path):
+    """recipe_8x's gap to the base against updates per epoch at 8x (seed 1 and mean)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    x = [t["updates_per_epoch"] for t in rows]
+    for key, label in (("s1", "seed 1"), ("mean", "mean over seeds")):
+        y = [t[f"recipe_8x_{key}"] - t[f"base_{key}"] if None not in
+             (t[f"recipe_8x_{key}"], t[f"base_{key}"]) else float("nan") for t in rows]  # fmt: skip
+        ax.plot(x, y, marker="o", label=label)
+    ax.axhline(0, color="gray", linewidth=0.8)
+    ax.set(xscale="log", xticks=x, xticklabels=[str(v) for v in x],
+           xlabel="updates per epoch at batch 32 (8 epochs)",
+           ylabel="recipe_8x − base (mmAP)", title="8× gap vs updates per epoch")  # fmt: skip
+    ax.minorticks_off()
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+
+
 def report(args, records, docs):
-    """batch_scaling.json, table.md and curves.png in OUT_DIR (and docs/ with ``docs``)."""
+    """batch_scaling.json, table.md, curves.png (and trend.png) in OUT_DIR (and docs/ with
+    ``docs``)."""
     data = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": f"{platform.node()}: {platform.processor() or platform.machine()}, "
@@ -378,11 +468,15 @@ def report(args, records, docs):
     with open(os.path.join(args.out_dir, "batch_scaling.json"), "w") as f:
         json.dump(data, f, indent=1)
     text = table(records)
+    rows = trend(records)
+    if rows:
+        text += "\n\n" + trend_table(rows)
+        plot_trend(rows, os.path.join(args.out_dir, "trend.png"))
     print("\n" + text)
     with open(os.path.join(args.out_dir, "table.md"), "w") as f:
         f.write(text + "\n")
-    first = {}  # one curve per kind: its median seed by final mmAP (no detections: 0)
-    for kind in dict.fromkeys(r["kind"] for r in records):
+    first = {}  # one curve per kind at --num-train: its median seed by final mmAP
+    for kind in dict.fromkeys(r["kind"] for r in records if kind_in_figure(args, r["kind"])):
         runs = [r for r in records if r["kind"] == kind and r["exit"] == 0]
         runs = [r for r in runs if any(v is not None for v in r["mmAP_per_epoch"])] or runs
         if runs:
@@ -391,7 +485,7 @@ def report(args, records, docs):
     png = os.path.join(args.out_dir, "curves.png")
     if first:
         title = (f"batch scaling, pretrained R-18 FPN, shapes_hard, {args.epochs} epochs of "
-                 f"{args.num_train} images")  # fmt: skip
+                 f"{args.num_train} images (long: {epochs(args, 'base_long')})")  # fmt: skip
         subprocess.run([sys.executable, os.path.join(REPO, "tools", "plot_curves.py"),
                         *[os.path.join(args.out_dir, n) for n in first.values()],
                         "--labels", *first, "--out", png, "--title", title],
@@ -401,7 +495,15 @@ def report(args, records, docs):
         shutil.copy(os.path.join(args.out_dir, "batch_scaling.json"), args.docs_dir)
         if first:
             shutil.copy(png, os.path.join(args.docs_dir, "batch_scaling.png"))
+        if rows:
+            shutil.copy(os.path.join(args.out_dir, "trend.png"),
+                        os.path.join(args.docs_dir, "batch_scaling_trend.png"))  # fmt: skip
     return data
+
+
+def kind_in_figure(args, kind):
+    """Figures 1 / 4 show the kinds at the series' epoch size (the trend has its own)."""
+    return num_train(args, kind) == args.num_train
 
 
 def main(argv=None):

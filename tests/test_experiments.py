@@ -50,8 +50,8 @@ def test_batch_scaling_commands(tmp_path):
         assert _value(cmd, "SOLVER.MEGDET.EPOCHS") == epochs
         assert _value(cmd, "SEED") == name[-1] and _value(cmd, "MODEL.WEIGHTS")
     # issue #18's kinds stay selectable, at the settings given
-    old = batch_scaling.main(["--dry-run", "--out-dir", str(tmp_path), "--runs", "bn_base",
-                              "recipe_8x_warmup3", "--num-train", "800", "--base-lr", "0.02"])  # fmt: skip
+    old = ["--runs", "bn_base", "recipe_8x_warmup3", "--num-train", "800", "--base-lr", "0.02"]
+    old = batch_scaling.main(["--dry-run", "--out-dir", str(tmp_path), *old])
     assert len(old) == 6 and _value(old["recipe_8x_warmup3_s2"], "SOLVER.WARMUP_ITERS") == "75"
     assert _value(old["bn_base_s3"], "SOLVER.BASE_LR") == "0.02"
 
@@ -130,7 +130,9 @@ def test_batch_scaling_smoke(smoke_pretrained):
     metrics = [json.loads(line) for line in open(out / "recipe_4x_s1" / "metrics.json")]
     assert all("grad_norm" in m and "lr" in m for m in metrics if "total_loss" in m)
     table = (out / "table.md").read_text().splitlines()
-    assert len(table) == 4 and table[3].startswith("| recipe_4x | 16 | 16 | CGBN | k*r | yes | 6 |")
+    assert len(table) == 4 and table[3].startswith(
+        "| recipe_4x | 16 | 16 | CGBN | k*r | yes | 48 | 3 | 6 |"
+    )
     assert json.loads((docs / "batch_scaling.json").read_text())["runs"] == data["runs"]
     assert (docs / "batch_scaling.png").stat().st_size > 10_000
     again = batch_scaling.main(argv)  # resumable: both records found, nothing retrained
@@ -179,4 +181,38 @@ def test_table_counts_a_run_without_detections_as_zero():
     # the warmup column: one epoch "yes" (also for records from before warmup_epochs), else N
     longer = dict(rec(1, 6.0), kind="recipe_8x_warmup3", warmup_epochs=3)
     rows = batch_scaling.table([rec(1, 6.0), longer]).splitlines()[2:]
-    assert "| CGBN | k*r | yes | 200 |" in rows[0] and "| k*r | 3 epochs | 200 |" in rows[1]
+    # records from before issue #26 name no epoch size: "—"
+    assert "| CGBN | k*r | yes | — | — | 200 |" in rows[0]
+    assert "| k*r | 3 epochs | — | — | 200 |" in rows[1]
+
+
+def test_update_count_trend():
+    """The gap to the base per epoch size: seed 1 and the mean; sizes without both kinds, the
+    long shape and other kinds (recipe_8x_nowarmup is not recipe_8x) stay out."""
+
+    def rec(kind, images, seed, ap, schedule="normal"):
+        batch = 32 if "8x" in kind else 4
+        return {"kind": kind, "num_train": images, "seed": seed, "mmAP": ap, "exit": 0,
+                "schedule": schedule, "updates_per_epoch": images // batch,
+                "iterations": 8 * images // batch}  # fmt: skip
+
+    records = [
+        rec("base", 3200, 1, 50.0), rec("recipe_8x", 3200, 1, 47.0),
+        rec("base", 3200, 2, 52.0), rec("recipe_8x", 3200, 2, None),  # no detection: 0
+        rec("base_n800", 800, 1, 48.0), rec("recipe_8x_n800", 800, 1, 20.0),
+        rec("base_n1600", 1600, 1, 49.0),  # its recipe_8x not run yet
+        rec("recipe_8x_nowarmup", 3200, 1, 1.0), rec("recipe_8x_long", 3200, 1, 2.0, "long"),
+    ]  # fmt: skip
+    rows = batch_scaling.trend(records)
+    assert [(t["images"], t["updates_per_epoch"], t["updates"]) for t in rows] == [
+        (800, 25, 200), (3200, 100, 800)
+    ]  # fmt: skip
+    assert (rows[1]["base_s1"], rows[1]["recipe_8x_s1"]) == (50.0, 47.0)
+    assert (rows[1]["base_mean"], rows[1]["recipe_8x_mean"], rows[1]["seeds"]) == (
+        51.0,
+        23.5,
+        (2, 2),
+    )
+    text = batch_scaling.trend_table(rows).splitlines()
+    assert text[2] == "| 800 | 25 | 200 | 48.0 | 20.0 | -28.0 | -28.0 (1, 1) |"
+    assert text[3] == "| 3200 | 100 | 800 | 50.0 | 47.0 | -3.0 | -27.5 (2, 2) |"
