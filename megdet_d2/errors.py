@@ -7,7 +7,7 @@ the data loader cannot read, a checkpoint that loads too little). ``train_net.py
 catching ``ValueError`` keeps working.
 """
 
-__all__ = ["CONFIG_ERROR_EXIT_CODE", "ConfigError"]
+__all__ = ["CONFIG_ERROR_EXIT_CODE", "ConfigError", "config_error_line"]
 
 # Exit status of a process (launcher or worker) ended by a ConfigError.
 CONFIG_ERROR_EXIT_CODE = 2
@@ -15,3 +15,13 @@ CONFIG_ERROR_EXIT_CODE = 2
 
 class ConfigError(ValueError):
     """A config, command-line or input-data fault, described in one line naming the key or file."""
+
+
+def config_error_line(error):
+    """The one line of a ``ConfigError``: its message, or, when a DataLoader worker raised it
+    (torch re-raises it with the worker's traceback as message), the original message."""
+    text = str(error).strip()
+    if "\nOriginal Traceback" in text:
+        last = text.splitlines()[-1]
+        return last.split("ConfigError: ", 1)[1] if "ConfigError: " in last else last
+    return text.splitlines()[0] if text else type(error).__name__

@@ -8,7 +8,7 @@ import pytest
 from detectron2.config import LazyConfig, get_cfg
 
 from megdet_d2.config import add_megdet_config
-from megdet_d2.engine import bn_size, check_written_for
+from megdet_d2.engine.layout import bn_size, check_written_for
 from megdet_d2.engine.validate import check_norms
 from megdet_d2.layers.groups import check_group_size
 from megdet_d2.solver import check_solver_config
@@ -213,7 +213,7 @@ def test_deprecated_names_load_with_a_warning(tmp_path):
 
     from megdet_d2 import ConfigError, add_megdet_config
     from megdet_d2.config import check_upgraded
-    from megdet_d2.engine import merge_config
+    from megdet_d2.engine.config_file import merge_config
 
     path = tmp_path / "old.yaml"
     path.write_text("MODEL:\n  MEGDET:\n    SUBLINEAR_MEMORY: True\nDATASETS:\n  QUICKSTART:\n"

@@ -10,7 +10,7 @@ import sys
 import pytest
 from detectron2.engine import default_argument_parser
 
-from megdet_d2.engine import resolve_dist_url
+from megdet_d2.engine.dist_url import resolve_dist_url
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "quickstart", "shapes_R18_FPN.yaml")

@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch.distributed as dist
 
-from megdet_d2.engine import launch, launched_by_torchrun, process_layout
+from megdet_d2.engine.launch import launch, launched_by_torchrun, process_layout
 from megdet_d2.layers.groups import create_cgbn_groups
 from tests.utils.dist import find_free_port
 

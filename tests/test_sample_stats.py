@@ -9,7 +9,7 @@ import torch.nn as nn
 from detectron2.engine import SimpleTrainer
 from detectron2.utils.events import get_event_storage
 
-from megdet_d2.engine import SampleStatsHook
+from megdet_d2.engine.hooks import SampleStatsHook
 from megdet_d2.utils import read_metrics
 from tests.utils.dist import run_distributed
 from tests.utils.scripts import load_script

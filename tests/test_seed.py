@@ -4,7 +4,7 @@ configs, which inherit -1, stays exact; the end-to-end check is tests/test_resum
 from detectron2.config import get_cfg
 
 from megdet_d2 import add_megdet_config
-from megdet_d2.engine import resolve_run_seed
+from megdet_d2.engine.seed import resolve_run_seed
 
 
 def _cfg(tmp_path, seed):

@@ -23,7 +23,7 @@ from detectron2.engine import default_argument_parser
 
 import train_net
 from megdet_d2 import ConfigError
-from megdet_d2.engine import exit_on_config_error
+from megdet_d2.engine.validate import exit_on_config_error
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "quickstart", "shapes_R18_FPN.yaml")
@@ -696,8 +696,8 @@ def _read_broken(dataset_dict):
 def test_error_raised_in_a_dataloader_worker_keeps_its_one_line(tmp_path):
     """With DATALOADER.NUM_WORKERS > 0 torch re-raises the error with the worker's traceback as
     its message; the line printed is still the original one."""
-    from megdet_d2.engine import NamedImageErrors
-    from megdet_d2.engine.validate import config_error_line
+    from megdet_d2.engine.trainer import NamedImageErrors
+    from megdet_d2.errors import config_error_line
 
     dataset = [{"file_name": str(tmp_path / "a.png"), "image_id": 7}]
     loader = torch.utils.data.DataLoader(
@@ -736,7 +736,7 @@ def test_list_key_checks_pass_detectron2_model_zoo_configs(name):
     from detectron2.config import get_cfg
 
     from megdet_d2 import add_megdet_config
-    from megdet_d2.engine import check_list_keys
+    from megdet_d2.engine.list_keys import check_list_keys
 
     cfg = get_cfg()
     add_megdet_config(cfg)

@@ -26,6 +26,7 @@ __all__ = [
     "DIFFICULTY_DEFAULTS",
     "TRAIN_NAME",
     "VAL_NAME",
+    "check_quickstart_config",
     "generate_split",
     "prepare_quickstart_data",
     "register_quickstart_datasets",
@@ -205,26 +206,20 @@ def prepare_quickstart_data(
     return paths
 
 
-def register_quickstart_datasets(cfg):
-    """Generate and register the quickstart splits if ``cfg.DATASETS`` names any of them."""
-    used = set(cfg.DATASETS.TRAIN) | set(cfg.DATASETS.TEST)
-    if not used & {TRAIN_NAME, VAL_NAME}:
+def _used(cfg):
+    return bool((set(cfg.DATASETS.TRAIN) | set(cfg.DATASETS.TEST)) & {TRAIN_NAME, VAL_NAME})
+
+
+def register_quickstart_datasets(cfg, check=True):
+    """Generate and register the quickstart splits if ``cfg.DATASETS`` names any of them.
+    ``check``: first :func:`check_quickstart_config` and ``check_upgraded`` (False: done by the
+    start-up checks already)."""
+    if not _used(cfg):
         return
-    check_upgraded(cfg)  # a DATASETS.QUICKSTART.* value must not be ignored silently
+    if check:
+        check_upgraded(cfg)  # a DATASETS.QUICKSTART.* value must not be ignored silently
+        check_quickstart_config(cfg)
     q = cfg.MEGDET.QUICKSTART
-    if not q.ASPECT_RATIOS or any(not r > 0 for r in q.ASPECT_RATIOS):
-        raise ConfigError(
-            f"MEGDET.QUICKSTART.ASPECT_RATIOS={list(q.ASPECT_RATIOS)} must be a non-empty list of "
-            "widths / heights > 0; e.g. [1.0] (squares) or [0.75, 1.5]"
-        )
-    for key, minimum in (("NUM_TRAIN", 1), ("NUM_VAL", 1), ("IMAGE_SIZE", 32), ("NUM_CLASSES", 1),
-                         ("MAX_OBJECTS", 1), ("CLUTTER", 0), ("NOISE", 0)):  # fmt: skip
-        if q[key] < minimum:
-            raise ConfigError(
-                f"MEGDET.QUICKSTART.{key}={q[key]} must be at least {minimum}; set e.g. "
-                f"{minimum if key != 'IMAGE_SIZE' else 128}"
-            )
-    _check_difficulty(q)
     try:
         paths = prepare_quickstart_data(
             q.ROOT, q.NUM_TRAIN, q.NUM_VAL, q.IMAGE_SIZE, q.SEED, aspect_ratios=q.ASPECT_RATIOS,
@@ -244,6 +239,27 @@ def register_quickstart_datasets(cfg):
         # thing_classes known at registration lets start-up checks compare NUM_CLASSES with it
         classes = list(SHAPES[: q.NUM_CLASSES])
         register_coco_instances(name, {"thing_classes": classes}, json_file, image_root)
+
+
+def check_quickstart_config(cfg):
+    """A one-line ``ConfigError`` for a ``MEGDET.QUICKSTART`` key outside its range (when
+    ``cfg.DATASETS`` names a quickstart split)."""
+    if not _used(cfg):
+        return
+    q = cfg.MEGDET.QUICKSTART
+    if not q.ASPECT_RATIOS or any(not r > 0 for r in q.ASPECT_RATIOS):
+        raise ConfigError(
+            f"MEGDET.QUICKSTART.ASPECT_RATIOS={list(q.ASPECT_RATIOS)} must be a non-empty list of "
+            "widths / heights > 0; e.g. [1.0] (squares) or [0.75, 1.5]"
+        )
+    for key, minimum in (("NUM_TRAIN", 1), ("NUM_VAL", 1), ("IMAGE_SIZE", 32), ("NUM_CLASSES", 1),
+                         ("MAX_OBJECTS", 1), ("CLUTTER", 0), ("NOISE", 0)):  # fmt: skip
+        if q[key] < minimum:
+            raise ConfigError(
+                f"MEGDET.QUICKSTART.{key}={q[key]} must be at least {minimum}; set e.g. "
+                f"{minimum if key != 'IMAGE_SIZE' else 128}"
+            )
+    _check_difficulty(q)
 
 
 def _check_difficulty(q):

@@ -1,52 +1,21 @@
-from .checkpoint import MegDetCheckpointer, remove_stale_temporaries
-from .config_file import merge_config, set_after
-from .dist_url import resolve_dist_url
-from .hooks import SAMPLE_STATS_KEYS, GradNormHook, SampleStatsHook
-from .launch import launch, launched_by_torchrun, process_layout
-from .layout import bn_size, check_written_for, setup_cgbn_groups
-from .list_keys import check_list_keys
-from .process_groups import init_process_groups
-from .seed import resolve_run_seed
+"""What a training script needs (``train_net.py``); every other piece is importable from its
+module, e.g. ``megdet_d2.engine.validate.check_config``."""
+
+from .checkpoint import MegDetCheckpointer
+from .defaults import default_setup, launch_main, load_config
+from .launch import launch
+from .layout import setup_cgbn_groups
 from .supervise import JobFailed
-from .threads import set_cpu_threads
-from .trainer import MegDetJSONWriter, MegDetTrainer, NamedImageErrors, create_ddp_model
-from .validate import (
-    check_config,
-    check_datasets,
-    check_launch_args,
-    check_output_dir,
-    check_values,
-    exit_on_config_error,
-)
+from .trainer import MegDetTrainer, create_ddp_model
 
 __all__ = [
     "JobFailed",
     "MegDetCheckpointer",
-    "MegDetJSONWriter",
     "MegDetTrainer",
-    "NamedImageErrors",
-    "GradNormHook",
-    "SAMPLE_STATS_KEYS",
-    "SampleStatsHook",
-    "bn_size",
-    "check_config",
-    "check_datasets",
-    "check_launch_args",
-    "check_list_keys",
-    "check_output_dir",
-    "check_values",
-    "check_written_for",
     "create_ddp_model",
-    "exit_on_config_error",
-    "init_process_groups",
+    "default_setup",
     "launch",
-    "launched_by_torchrun",
-    "merge_config",
-    "process_layout",
-    "remove_stale_temporaries",
-    "set_after",
-    "resolve_dist_url",
-    "resolve_run_seed",
-    "set_cpu_threads",
+    "launch_main",
+    "load_config",
     "setup_cgbn_groups",
 ]

@@ -1,15 +1,17 @@
 """``launch``: detectron2's ``launch`` (same signature), made so that a job never hangs.
 
-Spawned on one machine (``--num-gpus N``) or started by torchrun / a launcher that sets
-``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE`` (then nothing is spawned, the
-process group comes from ``env://`` and the per-machine group from ``LOCAL_WORLD_SIZE``):
+Spawned on one machine (``--num-gpus N``, with ``torch.multiprocessing.start_processes``) or
+started by torchrun / a launcher that sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``LOCAL_WORLD_SIZE`` (then nothing is spawned, the process group comes from ``env://`` and the
+per-machine group from ``LOCAL_WORLD_SIZE``):
 
 * every process group gets ``timeout`` (``MEGDET.DIST_TIMEOUT_S``), detectron2's per-machine
   group included (``process_groups.py``);
 * spawned workers are supervised: the first that fails or is killed ends the others, and
-  ``JobFailed`` says which and why in one line (``supervise.py``; torchrun's agent does the
-  same for its workers);
-* every worker dies with its launcher or torchrun agent.
+  ``JobFailed`` names the root cause, the earliest worker's report (``supervise.py``;
+  torchrun's agent does the same with its error files);
+* every worker dies with its launcher or torchrun agent, and no process a worker started
+  outlives the job.
 """
 
 import os
@@ -22,7 +24,13 @@ from detectron2.engine.launch import DEFAULT_TIMEOUT
 
 from ..errors import ConfigError
 from .process_groups import init_process_groups
-from .supervise import exit_with_parent, kill_all, quiet_resource_tracker, run_worker, supervise
+from .supervise import (
+    exit_with_parent,
+    orphans_killed,
+    quiet_resource_tracker,
+    run_worker,
+    supervise,
+)
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -86,32 +94,26 @@ def launch(
         if num_machines != 1:
             raise ValueError("dist_url 'auto' needs one machine; give tcp://HOST0:PORT")
         dist_url = f"tcp://127.0.0.1:{find_free_port()}"
-    context = mp.get_context("spawn")
     quiet_resource_tracker()
-    processes = {}
-    with tempfile.TemporaryDirectory(prefix="megdet_d2_launch_") as report_dir:
-        try:
-            for local_rank in range(num_gpus_per_machine):
-                rank = machine_rank * num_gpus_per_machine + local_rank
-                process = context.Process(
-                    target=_spawned_worker,
-                    args=(main_func, args, rank, local_rank, world_size, num_gpus_per_machine,
-                          dist_url, timeout, os.getpid(), report_dir),
-                    daemon=False,  # a daemon may not start data-loader workers
-                )  # fmt: skip
-                process.start()
-                processes[rank] = process
-        except BaseException:
-            kill_all(processes.values())
-            raise
-        supervise(processes, report_dir)
+    first_rank = machine_rank * num_gpus_per_machine
+    with tempfile.TemporaryDirectory(prefix="megdet_d2_reports_") as report_dir, orphans_killed():
+        context = mp.start_processes(
+            _spawned_worker,
+            args=(main_func, args, first_rank, world_size, num_gpus_per_machine, dist_url,
+                  timeout, os.getpid(), report_dir),
+            nprocs=num_gpus_per_machine,
+            join=False,
+            start_method="spawn",
+        )  # fmt: skip
+        supervise(context, report_dir, first_rank)
 
 
-def _spawned_worker(main_func, args, rank, local_rank, world_size, procs_per_machine, dist_url,
-                    timeout, launcher_pid, report_dir):  # fmt: skip
+def _spawned_worker(local_rank, main_func, args, first_rank, world_size, procs_per_machine,
+                    dist_url, timeout, launcher_pid, report_dir):  # fmt: skip
     exit_with_parent(launcher_pid)
+    rank = first_rank + local_rank
     init = (dist_url, world_size, rank, local_rank, procs_per_machine, timeout)
-    run_worker(_init_and_run, (init, main_func, args), rank, os.path.join(report_dir, str(rank)))
+    run_worker(_init_and_run, (init, main_func, args), rank, report_dir)
 
 
 def _init_and_run(init, main_func, args):

@@ -1,6 +1,6 @@
 """The launch's CGBN layout: the process groups (``setup_cgbn_groups``, every process), the BN
 size it gives (``bn_size``), and how it compares with the launch a config was written for
-(``check_written_for``, Table 3's rows)."""
+(``log_layout``, Table 3's rows; ``check_written_for`` also checks the batch first)."""
 
 import logging
 from datetime import timedelta
@@ -13,6 +13,7 @@ from ..solver.batch import check_ims_per_batch
 __all__ = [
     "bn_size",
     "check_written_for",
+    "log_layout",
     "setup_cgbn_groups",
 ]
 
@@ -53,6 +54,13 @@ def bn_size(cfg, world_size, procs_per_machine):
 
 
 def check_written_for(cfg, world_size=None, procs_per_machine=None):
+    """:func:`log_layout`, after checking that ``SOLVER.IMS_PER_BATCH`` fits the processes (for
+    a config that did not pass the start-up checks)."""
+    check_ims_per_batch(cfg.SOLVER.IMS_PER_BATCH, world_size or comm.get_world_size())
+    return log_layout(cfg, world_size, procs_per_machine)
+
+
+def log_layout(cfg, world_size=None, procs_per_machine=None):
     """Log images per process and BN size; warn where they differ from ``MEGDET.WRITTEN_FOR``.
 
     A Table 3 row is (batch, BN size, GPUs): launched on other GPU counts, the same file gives
@@ -61,7 +69,6 @@ def check_written_for(cfg, world_size=None, procs_per_machine=None):
     world_size = world_size or comm.get_world_size()
     procs_per_machine = procs_per_machine or comm.get_local_size()
     batch = cfg.SOLVER.IMS_PER_BATCH
-    check_ims_per_batch(batch, world_size)
     actual = {"NUM_GPUS": world_size, "BN_SIZE": bn_size(cfg, world_size, procs_per_machine)}
     wanted = cfg.MEGDET.WRITTEN_FOR
     logger.info(

@@ -1,23 +1,26 @@
-"""A job ends as a whole: a failed, killed or frozen process, or a dead launcher, ends all of its
-processes, and the launcher says why in one line.
+"""A job ends as a whole, and its last line is the root cause, chosen by data, not by timing.
 
-* Launcher (:func:`supervise`): waits for its workers; at the first one that fails or is
-  killed it gives the others a few seconds, kills the rest with SIGKILL (which also ends a
-  stopped process: SIGTERM would stay pending), each with the processes it started (its
-  data-loader workers), and raises :class:`JobFailed`. A frozen worker (SIGSTOP, a stalled
-  machine, a hung kernel) is noticed through its peers: a collective waits for it at most the
-  process-group timeout, then fails in them.
 * Worker (:func:`run_worker`): a failure ends the process at once (``os._exit`` after flushing
   the logs and killing the processes it started), because a process whose collective failed
-  can hang in interpreter teardown (process-group destructors, non-daemon threads) and would
-  keep the job alive.
+  can hang in interpreter teardown and would keep the job alive. First it writes its report:
+  one line (``Config error: ...`` or ``rank R failed: Type: message``), its traceback, exit
+  status and the time, to ``<report dir>/<rank>.json``, as torch elastic's workers write their
+  error files. Under torchrun it prints them and writes torchrun's error file instead (whose
+  summary names the earliest as root cause).
+* Launcher (:func:`supervise`): torch's ``ProcessContext.join(grace_period=...)`` waits for the
+  workers and, at the first failure, gives the others the grace period, then SIGTERM, then
+  SIGKILL (which also ends a stopped process). Added here, what torch lacks: the root cause is
+  the earliest report (a worker that died by a signal without one, killed from outside,
+  precedes them all); a stopped worker that had to be killed is named; and the processes the
+  workers started (data-loader workers) are killed too (:func:`orphans_killed`).
 * Worker (:func:`exit_with_parent`): the worker dies with its launcher or torchrun's agent, by
-  SIGKILL from the kernel (``PR_SET_PDEATHSIG``, Linux; it reaches a stopped process too) and a
-  thread that watches ``os.getppid()`` (any POSIX system, any launcher).
+  SIGKILL from the kernel (``PR_SET_PDEATHSIG``, Linux; it reaches a stopped process too, where
+  torch's SIGINT would stay pending) and a thread that watches ``os.getppid()``.
 """
 
 import contextlib
 import ctypes
+import json
 import logging
 import multiprocessing.connection
 import multiprocessing.resource_tracker
@@ -30,33 +33,46 @@ import time
 import traceback
 
 import psutil
+from torch.multiprocessing.spawn import ProcessException
 
-from ..errors import CONFIG_ERROR_EXIT_CODE
+from ..errors import CONFIG_ERROR_EXIT_CODE, ConfigError, config_error_line
 
 __all__ = [
     "JobFailed",
     "exit_with_parent",
-    "kill_all",
-    "pause_before_traceback",
+    "orphans_killed",
     "quiet_resource_tracker",
+    "report_line",
+    "reports_to_launcher",
     "run_worker",
     "supervise",
 ]
 
 _GRACE_S = 3.0  # for the other workers to end by themselves after the first failure
-_PEER_FAILURE_S = 2.0  # a failing worker's pause before its traceback (pause_before_traceback)
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_PR_SET_CHILD_SUBREAPER, _PR_GET_CHILD_SUBREAPER = 36, 37
 _MAX_REASON = 400  # characters of an exception message kept in the one-line reason
-_paused = False  # pause_before_traceback has waited in this process
+_report_dir = None  # set in a spawned worker: its failures go to the launcher as reports
 
 
 class JobFailed(RuntimeError):
-    """A worker failed or was killed; the message is one line naming it and the cause.
-    ``exit_code``: that worker's exit status (negative: killed by that signal)."""
+    """A worker failed or was killed; the message is one line naming the root cause.
+    ``exit_code``: that worker's exit status (negative: killed by that signal);
+    ``traceback``: its traceback ("" for a config error or a killed worker)."""
 
-    def __init__(self, message, exit_code=1):
+    def __init__(self, message, exit_code=1, traceback=""):
         super().__init__(message)
         self.exit_code = exit_code
+        self.traceback = traceback
+
+    @property
+    def last_line(self):
+        """What the launcher prints last: the config error as is, else ``Job failed: ...``."""
+        return str(self) if self.exit_code == CONFIG_ERROR_EXIT_CODE else f"Job failed: {self}"
+
+
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def exit_with_parent(parent_pid, kernel_signal=True):
@@ -67,8 +83,7 @@ def exit_with_parent(parent_pid, kernel_signal=True):
     as the job (our launcher; torchrun's agent); the ``getppid`` watch has no such caveat.
     """
     if kernel_signal and sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        _libc().prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
     if os.getppid() != parent_pid:  # it died before the signal was requested
         os._exit(1)
     threading.Thread(
@@ -79,22 +94,14 @@ def exit_with_parent(parent_pid, kernel_signal=True):
 def _watch_parent(parent_pid):
     while os.getppid() == parent_pid:
         time.sleep(1.0)
-    _kill_children()
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _kill_children():
-    """SIGKILL every process this one started (its data-loader workers). A worker ending with
-    ``os._exit`` or SIGKILL leaves them behind otherwise: one still starting when its parent
-    died records init as its parent, its torch watchdog never fires, and it lives on, holding
-    the job's output pipes open."""
     _kill_descendants(psutil.Process())
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def quiet_resource_tracker():
     """Start multiprocessing's resource tracker, which the launcher's workers and their
     data-loader workers share, without its warning about leaked semaphores. A failure ends
-    workers by ``os._exit`` or SIGKILL, so their loaders' semaphores are never released; the
+    workers by ``os._exit`` or a signal, so their loaders' semaphores are never released; the
     tracker unlinks them all the same, but its warning, printed when the launcher exits, would
     follow and bury the job's one-line reason. (A tracker already running keeps its warning.)"""
     flag = "ignore:resource_tracker:UserWarning"  # the tracker's interpreter gets sys.warnoptions
@@ -108,43 +115,62 @@ def quiet_resource_tracker():
             sys.warnoptions.remove(flag)
 
 
-def pause_before_traceback():
-    """Wait ``_PEER_FAILURE_S`` before printing a failure's traceback, once per process (a failed
-    worker ends; detectron2's train-loop log and :func:`run_worker` both call this): when the
-    failure is only a peer's end (a collective whose peer exited with a config error), the
-    launcher or torchrun's agent stops this process meanwhile, and the peer's one line stays
-    the last word. A real failure is reported as before, two seconds later."""
-    global _paused
-    if not _paused:
-        _paused = True
-        time.sleep(_PEER_FAILURE_S)
+def reports_to_launcher():
+    """Whether this process is a spawned worker whose failure the launcher reports (then the
+    worker's own console shows no traceback: the launcher prints the root cause's)."""
+    return _report_dir is not None
 
 
-def run_worker(fn, args, rank, report_path=None):
-    """``fn(*args)``; if it raises, print the traceback, report one line (to ``report_path``
-    for the launcher, else to stderr) and end the process with status 1.
+def report_line(line, traceback_text=""):
+    """Print ``line`` on stderr (after ``traceback_text``), and leave both in torchrun's error
+    file (its summary names the earliest as root cause)."""
+    print(f"{traceback_text}{line}", file=sys.stderr, flush=True)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        with contextlib.suppress(OSError):
+            with open(error_file, "w") as f:  # the format torchrun's @record writes
+                info = {"py_callstack": traceback_text or line, "timestamp": str(int(time.time()))}
+                json.dump({"message": {"message": line, "extraInfo": info}}, f)
 
-    The traceback waits first (:func:`pause_before_traceback`)."""
+
+def run_worker(fn, args, rank, report_dir=None):
+    """``fn(*args)``; if it raises, report it and end the process: status 2 for a
+    ``ConfigError`` (one line, no traceback), else 1 (or a ``SystemExit``'s status).
+
+    ``report_dir``: write the report there for the launcher (:func:`supervise`), printing
+    nothing; None (torchrun): print it, and write torchrun's error file."""
+    global _report_dir
+    _report_dir = report_dir
     try:
         return fn(*args)
     except BaseException as e:  # every failure, KeyboardInterrupt included, ends the process
+        failed_at = time.time()
         if isinstance(e, SystemExit) and e.code in (None, 0):
             raise
-        if isinstance(e, SystemExit) and isinstance(e.code, int):  # e.g. a config error: its
-            _flush()  # one line is printed already; keep its status, add no traceback
-            _kill_children()
-            os._exit(e.code)
-        pause_before_traceback()
-        traceback.print_exc()
-        reason = _one_line(e)
-        if report_path is not None:
-            with open(report_path, "w") as f:
-                f.write(reason)
+        trace = ""
+        if isinstance(e, ConfigError):
+            code, line = CONFIG_ERROR_EXIT_CODE, f"Config error: {config_error_line(e)}"
+        elif isinstance(e, SystemExit):
+            code = e.code if isinstance(e.code, int) else 1
+            line = f"rank {rank} exited with status {code}"
         else:
-            print(f"rank {rank} failed: {reason}", file=sys.stderr)
+            code, line, trace = 1, f"rank {rank} failed: {_one_line(e)}", traceback.format_exc()
+        if report_dir is not None:
+            report = {"rank": rank, "time": failed_at, "line": line, "traceback": trace}
+            _write_report(report_dir, rank, dict(report, exit_code=code))
+        elif not isinstance(e, SystemExit):  # a SystemExit's message is printed already
+            report_line(line, trace)
         _flush()
-        _kill_children()
-        os._exit(1)
+        _kill_descendants(psutil.Process())  # its data-loader workers
+        os._exit(code)
+
+
+def _write_report(report_dir, rank, report):
+    """Atomically (the launcher never reads half a report)."""
+    path = os.path.join(report_dir, f"{rank}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(report, f)
+    os.replace(path + ".tmp", path)
 
 
 def _one_line(exc):
@@ -164,57 +190,69 @@ def _flush():
         pass
 
 
-def supervise(processes, report_dir, grace_s=_GRACE_S):
-    """Wait for ``processes`` (``{global rank: started multiprocessing.Process}``); on the first
-    failure stop the others and raise :class:`JobFailed`. Worker ``r`` may write its reason to
-    ``report_dir/r``. No process is left running when this returns or raises."""
-    running = dict(processes)
+def supervise(context, report_dir, first_rank=0, grace_s=_GRACE_S):
+    """Wait for the workers of ``context`` (``torch.multiprocessing.start_processes(...,
+    join=False)``; worker ``i`` has global rank ``first_rank + i`` and reports to
+    ``report_dir``). On a failure stop the others (torch's join) and raise :class:`JobFailed`
+    naming the root cause: the earliest report, or a worker killed from outside."""
+    processes = dict(enumerate(context.processes))
+    pending = dict(processes)
+    while pending:
+        multiprocessing.connection.wait([p.sentinel for p in pending.values()])
+        ended = {i: p for i, p in pending.items() if p.exitcode is not None}
+        pending = {i: p for i, p in pending.items() if i not in ended}
+        failed = {i: p.exitcode for i, p in ended.items() if p.exitcode != 0}
+        if failed:
+            break
+    else:
+        context.join()  # all succeeded: torch's bookkeeping
+        return
+    states = {i: _state(p.pid) for i, p in pending.items()}  # before they are killed
+    logger = logging.getLogger("torch.multiprocessing.spawn")  # "Terminating process ..."
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     try:
-        while running:
-            multiprocessing.connection.wait([p.sentinel for p in running.values()])
-            ended = {r: p for r, p in running.items() if p.exitcode is not None}
-            for rank in ended:
-                del running[rank]
-            failed = [r for r, p in ended.items() if p.exitcode != 0]
-            if failed:
-                # a rank killed by a signal is the likelier cause than a peer that then failed
-                first = min(failed, key=lambda r: (ended[r].exitcode >= 0, r))
-                cause = _failure(first, ended[first], report_dir)
-                code = ended[first].exitcode
-                # a config error's line is the cause: stop the others at once, before their
-                # "connection closed" tracebacks bury it
-                grace = 0.0 if code == CONFIG_ERROR_EXIT_CODE else grace_s
-                raise JobFailed(cause + _stop_others(running, grace), code)
-    finally:
-        kill_all(processes.values())
-
-
-def _failure(rank, process, report_dir):
-    path = os.path.join(report_dir, str(rank))
-    if os.path.isfile(path):
-        with open(path) as f:
-            return f"rank {rank} failed: {f.read().strip()}"
-    code = process.exitcode
-    if code < 0:
-        try:
-            return f"rank {rank} was killed by {signal.Signals(-code).name}"
-        except ValueError:
+        while not context.join(grace_period=grace_s):
             pass
-    return f"rank {rank} exited with status {code}"
+    except ProcessException:  # the first failure: ours is read from the reports below
+        pass
+    finally:
+        logger.setLevel(level)
+    reports = _read_reports(report_dir)
+    killed = [i for i in pending if processes[i].exitcode < 0 and first_rank + i not in reports]
+    outside = [i for i in failed if failed[i] < 0 and first_rank + i not in reports]
+    if outside:  # died by a signal before anything failed in the launcher's view
+        i = min(outside)
+        root = {"line": _signal_line(first_rank + i, failed[i]), "exit_code": failed[i]}
+    elif reports:
+        root = min(reports.values(), key=lambda r: (r["time"], r["rank"]))
+    else:
+        i = min(failed)
+        root = {"line": f"rank {first_rank + i} exited with status {failed[i]}", "exit_code": 1}
+    message = root["line"]
+    if killed and root["exit_code"] != CONFIG_ERROR_EXIT_CODE:
+        names = [
+            f"rank {first_rank + i}" + (f" ({states[i]})" if states[i] else "") for i in killed
+        ]
+        message += f"; killed {', '.join(names)}"
+    raise JobFailed(message, root["exit_code"], root.get("traceback", ""))
 
 
-def _stop_others(running, grace_s):
-    """Give ``running`` ``grace_s`` to end, kill the rest; describe what was killed."""
-    deadline = time.monotonic() + grace_s
-    for process in running.values():
-        process.join(max(0.0, deadline - time.monotonic()))
-    killed = []
-    for rank, process in sorted(running.items()):
-        if process.exitcode is None:
-            state = _state(process.pid)
-            killed.append(f"rank {rank}" + (f" ({state})" if state else ""))
-            _kill_tree(process)
-    return f"; killed {', '.join(killed)}" if killed else ""
+def _read_reports(report_dir):
+    reports = {}
+    for name in os.listdir(report_dir):
+        if name.endswith(".json"):
+            with open(os.path.join(report_dir, name)) as f:
+                report = json.load(f)
+            reports[report["rank"]] = report
+    return reports
+
+
+def _signal_line(rank, code):
+    try:
+        return f"rank {rank} was killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"rank {rank} exited with status {code}"
 
 
 def _state(pid):
@@ -240,22 +278,35 @@ def _kill_descendants(process):
                 child.kill()
 
 
-def _kill_tree(process):
-    """SIGKILL a started ``multiprocessing.Process`` and the processes it started (first: once
-    it is dead they are re-parented and no longer known as its own)."""
-    with contextlib.suppress(psutil.Error):
-        _kill_descendants(psutil.Process(process.pid))
-    process.kill()
+def _subreaper(on):
+    """Make this process the subreaper of its descendants (Linux); returns the previous
+    setting (None elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc, previous = _libc(), ctypes.c_int(0)
+    libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(previous), 0, 0, 0)
+    libc.prctl(_PR_SET_CHILD_SUBREAPER, int(bool(on)), 0, 0, 0)
+    return previous.value
 
 
-def kill_all(processes, timeout_s=30.0):
-    """SIGKILL the processes still running, with the processes they started, and reap them (a
-    process in uninterruptible sleep may outlive SIGKILL: it is waited for at most
-    ``timeout_s``)."""
-    processes = list(processes)
-    for process in processes:
-        if process.exitcode is None:
-            _kill_tree(process)
-    deadline = time.monotonic() + timeout_s
-    for process in processes:
-        process.join(max(0.0, deadline - time.monotonic()))
+@contextlib.contextmanager
+def orphans_killed(timeout_s=30.0):
+    """Every process started inside the block, and every process they start, is gone when it
+    ends. torch stops a worker by SIGTERM / SIGKILL, which leaves its data-loader workers
+    behind (one still starting as its parent dies never notices, and holds the job's output
+    pipes open); as their subreaper this process adopts them, and kills them here. (A process
+    in uninterruptible sleep may outlive SIGKILL: it is waited for at most ``timeout_s``.)"""
+    me = psutil.Process()
+    before = {c.pid for c in me.children()}
+    previous = _subreaper(True)
+    try:
+        yield
+    finally:
+        left = [c for c in me.children() if c.pid not in before]
+        for child in left:
+            _kill_descendants(child)
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        psutil.wait_procs(left, timeout=timeout_s)
+        if previous is not None:
+            _subreaper(previous)

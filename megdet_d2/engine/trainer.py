@@ -1,4 +1,8 @@
-"""``MegDetTrainer``: detectron2's ``DefaultTrainer`` that also runs multi-process on CPU.
+"""``MegDetTrainer``: detectron2's ``DefaultTrainer`` with MegDet's model and LR scheduler, that
+also runs multi-process on CPU.
+
+It builds the model with sub-linear memory when ``MEGDET.SUBLINEAR_MEMORY`` (paper §3.3) and the
+LR scheduler with MegDet's registry (``megdet_d2.build_lr_scheduler``: linear scaling + warmup).
 
 Detectron2's ``create_ddp_model`` always passes ``device_ids=[local_rank]``, which
 ``DistributedDataParallel`` rejects for CPU modules, so ``DefaultTrainer`` cannot train with
@@ -25,6 +29,7 @@ import json
 import logging
 import math
 import os
+import sys
 from collections import defaultdict
 
 from detectron2.data import (
@@ -47,35 +52,52 @@ from detectron2.utils.events import (
 )
 from detectron2.utils.file_io import PathManager
 
-from ..config import check_upgraded
 from ..data import ResumableBatchSampler, build_resumable_train_loader
 from ..errors import ConfigError
+from ..modeling import apply_sublinear_memory
+from ..solver import build_lr_scheduler
 from ..utils.seeds import derived_seed
 from .checkpoint import MegDetCheckpointer, atomic_write
 from .hooks import GradNormHook, SampleStatsHook
-from .supervise import pause_before_traceback
+from .supervise import reports_to_launcher
 
-__all__ = ["MegDetJSONWriter", "MegDetTrainer", "create_ddp_model", "NamedImageErrors"]
+__all__ = [
+    "MegDetJSONWriter",
+    "MegDetTrainer",
+    "NamedImageErrors",
+    "create_ddp_model",
+    "quiet_console_tracebacks",
+]
 
 
 class _TrainLoopTraceback(logging.Filter):
     """Detectron2's train loop logs "Exception during training:" with its traceback as soon as
-    a step fails, before the worker's own report. Drop it for a ``ConfigError`` (that ends the
-    process with its own one line, ``exit_on_config_error``); in a multi-process job delay it
-    like the worker's report (:func:`pause_before_traceback`), so that a peer whose collective
-    failed because a loader found a bad image is stopped before it prints a traceback."""
+    a step fails. The worker's report (``supervise.run_worker``) says the same: drop the log
+    record for a ``ConfigError`` (reported as one line, no traceback) everywhere, and, with
+    ``console=True``, any record's traceback on the console of a worker that reports to the
+    launcher (the launcher prints the root cause's; the log file keeps every one)."""
+
+    def __init__(self, console=False):
+        super().__init__()
+        self.console = console
 
     def filter(self, record):
         if not record.exc_info:
             return True
         if isinstance(record.exc_info[1], ConfigError):
             return False
-        if comm.get_world_size() > 1:
-            pause_before_traceback()
-        return True
+        return not (self.console and reports_to_launcher())
 
 
 logging.getLogger(d2_train_loop.__name__).addFilter(_TrainLoopTraceback())
+
+
+def quiet_console_tracebacks(logger_name="detectron2"):
+    """In a worker that reports to the launcher, keep exception tracebacks off the console
+    handlers of ``logger_name`` (detectron2's ``setup_logger`` made them); call after it."""
+    for handler in logging.getLogger(logger_name).handlers:  # its log files: streams too
+        if getattr(handler, "stream", None) in (sys.stdout, sys.stderr):
+            handler.addFilter(_TrainLoopTraceback(console=True))
 
 
 class NamedImageErrors:
@@ -175,11 +197,11 @@ _ITERATION_KEY = 1  # derived_seed(SEED, rank, 1, iteration): an iteration's dra
 
 
 class MegDetTrainer(DefaultTrainer):
-    """``DefaultTrainer`` whose model wrapping also works for CPU models (gloo), and which
-    writes metrics every ``cfg.MEGDET.LOG_PERIOD`` iterations."""
+    """``DefaultTrainer`` with MegDet's model (sub-linear memory) and LR scheduler, whose model
+    wrapping also works for CPU models (gloo), and which writes metrics every
+    ``cfg.MEGDET.LOG_PERIOD`` iterations."""
 
     def __init__(self, cfg):
-        check_upgraded(cfg)  # a deprecated key (e.g. LOG_PERIOD) must not be ignored silently
         checkpointer = functools.partial(
             MegDetCheckpointer,
             strict_shapes=cfg.MEGDET.STRICT_SHAPES,
@@ -192,6 +214,32 @@ class MegDetTrainer(DefaultTrainer):
         # DefaultTrainer's inner SimpleTrainer calls after_backward on its own (empty) hook
         # list: run this trainer's hooks there (GradNormHook needs the gradients).
         self._trainer.after_backward = self.after_backward
+
+    @classmethod
+    def build_model(cls, cfg):
+        """Detectron2's model; with ``MEGDET.SUBLINEAR_MEMORY`` the backbone's activations are
+        recomputed in the backward pass (paper §3.3)."""
+        model = super().build_model(cfg)
+        if cfg.MEGDET.SUBLINEAR_MEMORY:
+            logging.getLogger("megdet_d2").info(
+                f"Sub-linear memory: checkpointing {len(apply_sublinear_memory(model))} modules"
+            )
+        return model
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        """MegDet's registered schedulers (linear scaling + warmup), else detectron2's."""
+        return build_lr_scheduler(cfg, optimizer)
+
+    @classmethod
+    def build_checkpointer(cls, cfg, model):
+        """The checkpointer training uses, for ``model`` (e.g. to load it for ``--eval-only``)."""
+        return MegDetCheckpointer(
+            model,
+            save_dir=cfg.OUTPUT_DIR,
+            strict_shapes=cfg.MEGDET.STRICT_SHAPES,
+            allow_partial=cfg.MEGDET.ALLOW_PARTIAL_WEIGHTS,
+        )
 
     @classmethod
     def build_train_loader(cls, cfg):

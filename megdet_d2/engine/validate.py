@@ -1,41 +1,43 @@
 """Start-up checks: a bad config ends the job with one line naming the key, before any work.
 
-Nothing here needs a process group or builds a real model (the checkpoint is compared with a
-``meta``-device model), so ``train_net.py`` runs it once in the launching process (or, under
-torchrun, in every worker before the process group is made): a wrong value costs seconds, not
-the hours after which a spawned job would discover it.
+:func:`check_config` runs every check once, in one order (its docstring); ``load_config``
+(``engine/defaults.py``) calls it once per job, in the launching process (under torchrun in
+every worker, before the process group is made): a wrong value costs seconds, not the hours
+after which a spawned job would discover it. Nothing here needs a process group or builds a
+real model (the checkpoint is compared with a ``meta``-device model).
 Each check raises a one-line ``ConfigError`` "KEY=value <what is wrong>; <fix>" (or naming the
 file); :func:`exit_on_config_error` turns it into ``Config error: ...`` on stderr and exit
 status 2, printed once per machine under torchrun (where every process runs the checks).
 Faults only a worker can see (an image the data loader cannot decode, a checkpoint from a URL
 that loads too little) end that worker the same way; the launcher (``engine/supervise.py``)
-then stops the others and ends with status 2 and no traceback of its own.
+then stops the others and prints that line last.
 """
 
 import contextlib
 import difflib
-import json
 import logging
 import os
 import sys
 import tempfile
-import time
 
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from torch import nn
 
-from ..config import config_value, default_config
+from ..config import check_upgraded, config_value, default_config
+from ..data import register_config_datasets, register_quickstart_datasets
 from ..data.coco_check import check_coco_dataset
-from ..errors import CONFIG_ERROR_EXIT_CODE, ConfigError
+from ..data.quickstart import check_quickstart_config
+from ..errors import CONFIG_ERROR_EXIT_CODE, ConfigError, config_error_line
 from ..layers import known_norm_names
 from ..layers.groups import check_group_size
-from ..solver import check_solver_config
+from ..solver import apply_schedule_preset, check_solver_config
 from ..solver.batch import check_ims_per_batch
 from .checkpoint import MegDetCheckpointer
 from .launch import launched_by_torchrun
 from .list_keys import check_list_keys
 from .meta_build import build_on, first_line, quiet
+from .supervise import report_line
 
 __all__ = [
     "check_config",
@@ -66,8 +68,23 @@ _DATA_PATH_KEYS = (
 )
 
 
-def check_config(cfg, num_machines, procs_per_machine, training=True, resume=False):
+def check_config(cfg, num_machines, procs_per_machine, training=True, resume=False, explicit=None):
     """Raise a one-line ``ConfigError`` naming the key if ``cfg`` cannot run on this layout.
+
+    Every start-up check, each once, in this order (a check may assume those before it passed):
+
+    1. no deprecated key holds a value; numeric keys in range; ``OUTPUT_DIR`` writable (cheap:
+       before any data is read or written);
+    2. the datasets: ``MEGDET.COCO_INSTANCES`` and the quickstart's registered (its data made),
+       every dataset named registered and its files sound;
+    3. training: the schedule preset's keys, then its iterations derived from the counted
+       images and written into ``cfg`` (``explicit``: ``{key: where}`` of values the user set
+       after choosing it, which it never replaces);
+    4. the device, ``MODEL.CGBN.GROUP_SIZE``, component names, norms, number of classes;
+    5. the list-valued keys, then the model built on ``meta`` (detectron2's own asserts, as
+       one line naming the component);
+    6. training: ``SOLVER.IMS_PER_BATCH`` against the processes, the solver and LR schedule;
+    7. the checkpoint to load (last: it reads the file).
 
     Args:
         num_machines, procs_per_machine: the launch (``--num-machines``, ``--num-gpus``, or
@@ -77,18 +94,24 @@ def check_config(cfg, num_machines, procs_per_machine, training=True, resume=Fal
             is checked instead of ``MODEL.WEIGHTS`` (which is then unused).
     """
     world_size = num_machines * procs_per_machine
+    check_upgraded(cfg)
     check_values(cfg, training)
+    check_output_dir(cfg)
+    check_quickstart_config(cfg)
+    register_config_datasets(cfg)  # MEGDET.COCO_INSTANCES: a name clash is an error
+    register_quickstart_datasets(cfg, check=False)
+    check_datasets(cfg, training)
+    if training:
+        apply_schedule_preset(cfg, explicit=explicit)  # checks its keys before counting
     check_device(cfg, procs_per_machine)
     check_group_size(cfg.MODEL.CGBN.GROUP_SIZE, world_size, procs_per_machine)
     check_names(cfg, training)
     check_norms(cfg)
-    check_output_dir(cfg)
-    check_datasets(cfg, training)
     check_num_classes(cfg, training)
     model = check_list_keys(cfg, training)  # builds the model: after names and classes
     if training:
         check_ims_per_batch(cfg.SOLVER.IMS_PER_BATCH, world_size)
-        check_solver_config(cfg)
+        check_solver_config(cfg, standalone=False)  # preset keys and batch: checked above
     check_weights(cfg, resume, model)  # last: it reads the checkpoint
 
 
@@ -329,8 +352,8 @@ def check_datasets(cfg, training=True):
     _check_proposal_files(cfg, training)
 
 
-# Checked COCO datasets: (json_file, mtime, size, image_root) -> summary (the launcher checks
-# before and after a schedule preset; a json is read once).
+# Checked COCO datasets: (json_file, mtime, size, image_root) -> summary (check_datasets
+# checks, check_num_classes reads the class count; a json is read once).
 _COCO_CHECKED = {}
 
 
@@ -476,27 +499,6 @@ def _meta_model(cfg):
         return None
 
 
-def config_error_line(error):
-    """The one line of a ``ConfigError``: its message, or, when a DataLoader worker raised it
-    (torch re-raises it with the worker's traceback as message), the original message."""
-    text = str(error).strip()
-    if "\nOriginal Traceback" in text:
-        last = text.splitlines()[-1]
-        return last.split("ConfigError: ", 1)[1] if "ConfigError: " in last else last
-    return first_line(error) or type(error).__name__
-
-
-def _report(line):
-    """Print ``line`` on stderr, and leave it in torchrun's error file for its summary."""
-    print(line, file=sys.stderr, flush=True)
-    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if error_file:
-        with contextlib.suppress(OSError):
-            with open(error_file, "w") as f:  # the format torchrun's @record writes
-                info = {"py_callstack": line, "timestamp": str(int(time.time()))}
-                json.dump({"message": {"message": line, "extraInfo": info}}, f)
-
-
 @contextlib.contextmanager
 def exit_on_config_error(catch=ConfigError, every_process=True):
     """Turn a config error into ``Config error: <one line>`` on stderr and exit status 2, with
@@ -515,5 +517,5 @@ def exit_on_config_error(catch=ConfigError, every_process=True):
         yield
     except catch as e:
         if not (every_process and launched_by_torchrun()) or os.environ["LOCAL_RANK"] == "0":
-            _report(f"Config error: {config_error_line(e)}")
+            report_line(f"Config error: {config_error_line(e)}")
         sys.exit(CONFIG_ERROR_EXIT_CODE)

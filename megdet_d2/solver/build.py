@@ -54,10 +54,12 @@ def _fail(key: str, value, fix: str):
     raise ConfigError(f"{key}={value!r} {fix}")
 
 
-def check_solver_config(cfg) -> None:
+def check_solver_config(cfg, standalone=True) -> None:
     """
     Raise a one-line ``ConfigError`` (key, bad value, fix) for solver settings that would train
     wrongly or crash later. Call it after :func:`apply_schedule_preset`, before freezing.
+    ``standalone``: also check the preset's keys and that ``SOLVER.IMS_PER_BATCH`` is positive
+    (False: ``check_config`` checked both already, the batch against the processes).
     """
     s = cfg.SOLVER
     name = s.LR_SCHEDULER_NAME
@@ -76,7 +78,8 @@ def check_solver_config(cfg) -> None:
             "must be positive; set it to the LR at SOLVER.MEGDET.REFERENCE_BATCH_SIZE "
             "(the paper uses 0.02 for 16 images).",
         )
-    check_preset_config(cfg)
+    if standalone:
+        check_preset_config(cfg)
 
     if name not in ("WarmupMultiStepLR", _MEGDET_LR_SCHEDULER):
         return  # the checks below are about step schedules
@@ -127,7 +130,8 @@ def check_solver_config(cfg) -> None:
             s.MEGDET.REFERENCE_BATCH_SIZE,
             "must be positive; set it to the mini-batch size SOLVER.BASE_LR was tuned for (16).",
         )
-    check_ims_per_batch(s.IMS_PER_BATCH)
+    if standalone:
+        check_ims_per_batch(s.IMS_PER_BATCH)
     if s.WARMUP_ITERS >= s.MAX_ITER:
         _fail(
             "SOLVER.WARMUP_ITERS",
