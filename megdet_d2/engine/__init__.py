@@ -1,7 +1,14 @@
 from .checkpoint import MegDetCheckpointer, remove_stale_temporaries
 from .config_file import merge_config, set_after
 from .dist_url import resolve_dist_url
-from .hooks import SAMPLE_STATS_KEYS, GradNormHook, SampleStatsHook
+from .hooks import (
+    NOISE_SCALE_KEYS,
+    SAMPLE_STATS_KEYS,
+    GradNormHook,
+    NoiseScaleHook,
+    SampleStatsHook,
+    noise_scale_estimates,
+)
 from .launch import launch, launched_by_torchrun, process_layout
 from .layout import bn_size, check_written_for, setup_cgbn_groups
 from .list_keys import check_list_keys
@@ -26,6 +33,8 @@ __all__ = [
     "MegDetTrainer",
     "NamedImageErrors",
     "GradNormHook",
+    "NOISE_SCALE_KEYS",
+    "NoiseScaleHook",
     "SAMPLE_STATS_KEYS",
     "SampleStatsHook",
     "bn_size",
@@ -42,6 +51,7 @@ __all__ = [
     "launch",
     "launched_by_torchrun",
     "merge_config",
+    "noise_scale_estimates",
     "process_layout",
     "remove_stale_temporaries",
     "set_after",
