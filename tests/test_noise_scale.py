@@ -15,6 +15,7 @@ from megdet_d2 import ConfigError
 from megdet_d2.config import default_config
 from megdet_d2.engine import NOISE_SCALE_KEYS, NoiseScaleHook, check_values, noise_scale_estimates
 from megdet_d2.engine.hooks import noise_scale_summary
+from tests.test_train_net import CONFIG, read_metrics, train_net
 from tests.utils.dist import run_distributed
 
 # --- (a) the estimators ------------------------------------------------------------------------
@@ -253,3 +254,53 @@ def test_local_norm_equals_the_local_gradient_in_every_ddp_mode():
     for result in run_distributed(_variants_job, world_size=2, timeout=120):
         for name, (local, direct) in result.items():
             assert [x for x, _ in local] == pytest.approx(direct, rel=1e-6), name
+
+
+# --- (c) train_net.py --------------------------------------------------------------------------
+
+
+def _detection_opts(tmp_path, *extra):
+    """4 iterations of the quickstart detector (CGBN) on 8 images, logged every 2, no evaluation."""
+    return [
+        "--config-file", CONFIG,
+        "MEGDET.QUICKSTART.ROOT", str(tmp_path / "data"),
+        "MEGDET.QUICKSTART.NUM_TRAIN", "8",
+        "MEGDET.QUICKSTART.NUM_VAL", "4",
+        "DATASETS.TEST", "()",
+        "SOLVER.MAX_ITER", "4",
+        "SOLVER.STEPS", "(3,)",
+        "SOLVER.WARMUP_ITERS", "1",
+        "MEGDET.LOG_PERIOD", "2",
+        "MEGDET.NOISE_SCALE", "True",
+        "MEGDET.NOISE_SCALE_EMA", "0.5",
+        "OUTPUT_DIR", str(tmp_path / "out"),
+        *extra,
+    ]  # fmt: skip
+
+
+def test_detection_run_logs_the_noise_scale(tmp_path):
+    """2 processes, CGBN and sub-linear memory (activation checkpointing): metrics.json has the
+    three keys at every log period, and the run ends with the B_simple line."""
+    proc = train_net(
+        "--num-gpus", "2", *_detection_opts(tmp_path, "MEGDET.SUBLINEAR_MEMORY", "True")
+    )  # fmt: skip
+    records = [
+        r for r in read_metrics(tmp_path / "out" / "metrics.json") if NOISE_SCALE_KEYS[1] in r
+    ]
+    assert [r["iteration"] for r in records] == [1, 3]
+    for r in records:
+        assert all(key in r for key in NOISE_SCALE_KEYS)
+        assert r["noise_scale/S"] > 0  # the local gradients differ: S > 0 (G2, B_simple: noisy)
+    log = proc.stdout + proc.stderr
+    assert log.count("Gradient noise scale at iteration 4 (EMA 0.5 over ~2 iterations): ") == 1
+    assert "mini-batch 4 = " in log or "not measurable yet" in log
+
+
+def test_one_process_logs_once_and_measures_nothing(tmp_path):
+    proc = train_net("--num-gpus", "1", *_detection_opts(tmp_path, "SOLVER.IMS_PER_BATCH", "2"))
+    log = proc.stdout + proc.stderr
+    assert log.count("the gradient noise scale needs two or more processes") == 1
+    assert "Gradient noise scale at iteration" not in log
+    assert not any(
+        NOISE_SCALE_KEYS[1] in r for r in read_metrics(tmp_path / "out" / "metrics.json")
+    )

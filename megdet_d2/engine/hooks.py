@@ -213,8 +213,9 @@ def noise_scale_summary(b_simple, batch_size, iteration, ema):
     if not b_simple > 0:
         return (
             f"Gradient noise scale at iteration {iteration + 1}: not measurable yet (the |G|² "
-            f"estimate is not positive: the gradient noise dominates; {window}); train longer "
-            "or raise MEGDET.NOISE_SCALE_EMA"
+            f"estimate is not positive: noise dominates, B_simple is probably well above the "
+            f"mini-batch {batch_size}; {window}): average longer (MEGDET.NOISE_SCALE_EMA closer "
+            "to 1, more iterations)"
         )
     ratio = batch_size / b_simple
     return (
