@@ -119,7 +119,8 @@ def noise_scale_comm_hook(state, bucket):
     """DDP communication hook: torch's default all-reduce (same buckets, same overlap, same
     result), after adding the squared norm of the bucket's local gradient (this process's
     images, not yet averaged) to ``state`` (a :class:`LocalGradNorm`)."""
-    squared = torch.linalg.vector_norm(bucket.buffer(), dtype=torch.float64).square()
+    # float32 (a float64 copy of the gradients would cost more than the rest of the hook)
+    squared = torch.linalg.vector_norm(bucket.buffer(), dtype=torch.float32).double().square()
     state.squared = squared if state.squared is None else state.squared + squared
     state.buckets += 1
     return default_hooks.allreduce_hook(state.process_group, bucket)
@@ -169,8 +170,7 @@ class NoiseScaleHook(HookBase):
         grads = [p.grad for p in self.trainer.model.parameters() if p.grad is not None]
         if local is None or not grads:
             return
-        norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads])
-        averaged = torch.linalg.vector_norm(norms).square().to(local.device)
+        averaged = torch.nn.utils.get_total_norm(grads).double().square().to(local.device)
         scaler = getattr(getattr(self.trainer, "_trainer", self.trainer), "grad_scaler", None)
         values = torch.stack([local, averaged])
         if scaler is not None and scaler.is_enabled():  # AMP: the gradients of scale x loss
