@@ -28,6 +28,7 @@ from detectron2.modeling import build_model
 from detectron2.solver import build_optimizer
 from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from megdet_d2 import add_megdet_config
 from megdet_d2.data import register_quickstart_datasets
@@ -36,7 +37,7 @@ from megdet_d2.engine import NoiseScaleHook, create_ddp_model, setup_cgbn_groups
 CONFIG = os.path.join(
     os.path.dirname(__file__), "..", "configs", "quickstart", "shapes_R18_FPN.yaml"
 )
-VARIANTS = ("off", "on", "on, log every it.")
+VARIANTS = ("off", "torch's allreduce_hook", "on", "on, log every it.", "off, again")
 
 
 def build_cfg(opts):
@@ -48,6 +49,22 @@ def build_cfg(opts):
     return cfg
 
 
+def _model(name, cfg, args, storage, total):
+    """The DDP model of a variant, and its NoiseScaleHook (None without)."""
+    torch.manual_seed(0)
+    model = create_ddp_model(build_model(cfg), broadcast_buffers=False)
+    if name == "torch's allreduce_hook":  # the cost of any Python comm hook, without a norm
+        model.register_comm_hook(None, default_hooks.allreduce_hook)
+    if not name.startswith("on"):
+        return model, None
+    batch = cfg.SOLVER.IMS_PER_BATCH
+    period = args.log_period if name == "on" else 1
+    hook = NoiseScaleHook(batch // comm.get_world_size(), batch, period=period)
+    hook.trainer = types.SimpleNamespace(model=model, iter=0, max_iter=total, storage=storage)
+    hook.before_train()  # registers the comm hook
+    return model, hook
+
+
 def worker(args):
     torch.set_num_threads(1)
     cfg = build_cfg(args.opts)
@@ -56,87 +73,74 @@ def worker(args):
     loader = iter(build_detection_train_loader(cfg))
     total = args.warmup + args.iters
     batches = [next(loader) for _ in range(total)]
-    batch = cfg.SOLVER.IMS_PER_BATCH
     storage = EventStorage(0)
-    runs, hooks = {}, {}
+    runs = {}
     for name in VARIANTS:
-        torch.manual_seed(0)
-        model = create_ddp_model(build_model(cfg), broadcast_buffers=False)
-        if name != "off":
-            period = args.log_period if name == "on" else 1
-            hook = NoiseScaleHook(batch // comm.get_world_size(), batch, period=period)
-            hook.trainer = types.SimpleNamespace(
-                model=model, iter=0, max_iter=total, storage=storage
-            )
-            hook.before_train()  # registers the comm hook
-            hooks[name] = hook
-        runs[name] = (model, build_optimizer(cfg, model))
+        model, hook = _model(name, cfg, args, storage, total)
+        runs[name] = (model, build_optimizer(cfg, model), hook)
     times = {name: [] for name in VARIANTS}
-    hook_times = {name: [] for name in hooks}
-    norm_times = []
+    own = {(name, part): [] for name in ("on", "on, log every it.") for part in ("ab", "as")}
     with storage:
         for i, data in enumerate(batches):
             storage.iter = i
-            for name, (model, optimizer) in runs.items():
-                hook = hooks.get(name)
+            for name, (model, optimizer, hook) in runs.items():
                 dist.barrier()
                 start = time.perf_counter()
                 loss = sum(model(data).values())
                 optimizer.zero_grad()
                 loss.backward()
-                own = 0.0
                 if hook is not None:
                     hook.trainer.iter = i
-                    t = time.perf_counter()
+                    t0 = time.perf_counter()
                     hook.after_backward()
-                    own = time.perf_counter() - t
+                    t1 = time.perf_counter()
                 optimizer.step()
                 if hook is not None:
-                    t = time.perf_counter()
+                    t2 = time.perf_counter()
                     hook.after_step()
-                    own += time.perf_counter() - t
+                    t3 = time.perf_counter()
                 if i >= args.warmup:
                     times[name].append(time.perf_counter() - start)
                     if hook is not None:
-                        hook_times[name].append(own)
+                        own[name, "ab"].append(t1 - t0)
+                        own[name, "as"].append(t3 - t2)
             if i >= args.warmup:  # the comm hook's extra work: a norm over the local gradients
                 grads = [p.grad for p in runs["off"][0].parameters() if p.grad is not None]
-                t = time.perf_counter()
+                t0 = time.perf_counter()
                 sum(
                     torch.linalg.vector_norm(g, dtype=torch.float32).double().square()
                     for g in grads
                 )
-                norm_times.append(time.perf_counter() - t)
-    # The slower rank sets the pace of a synchronous job.
-    values = [statistics.median(times[n]) for n in VARIANTS]
-    values += [statistics.mean(hook_times[n]) for n in hooks]  # mean: the all-reduce amortised
-    values.append(statistics.median(norm_times))
+                own["norm", ""] = own.get(("norm", ""), []) + [time.perf_counter() - t0]
+    # The slower rank sets the pace of a synchronous job; after_step: the mean (the all-reduce
+    # of one iteration in LOG_PERIOD, amortised).
+    keys = list(times) + list(own)
+    values = [statistics.median(times[k]) for k in times]
+    values += [(statistics.mean if k[1] == "as" else statistics.median)(own[k]) for k in own]
     medians = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(medians, op=dist.ReduceOp.MAX)
     if comm.is_main_process():
-        medians = medians.tolist()
-        _print_table(dict(zip(VARIANTS, medians)), dict(zip(hooks, medians[3:5])), medians[5], args)
+        _print_table(dict(zip(keys, medians.tolist())), args)
 
 
-def _print_table(medians, own, norm, args):
-    base = medians["off"]
+def _print_table(ms, args):
+    base = ms["off"]
     print(
         f"\n{args.iters} timed iterations (median, slowest rank), 2 processes x 2 images, "
         f"CGBN, MEGDET.LOG_PERIOD {args.log_period}\n"
     )
-    print("| MEGDET.NOISE_SCALE | ms / iteration | vs off | hook's own work, ms | own / off |")
-    print("|---|---|---|---|---|")
+    print("| variant | ms / iteration | vs off |")
+    print("|---|---|---|")
     for name in VARIANTS:
-        t = medians[name]
-        work = own.get(name)
-        cells = (
-            f"{1000 * (work + norm):.2f} | {100 * (work + norm) / base:.2f}%" if work else "– | –"
-        )
-        print(f"| {name} | {1000 * t:.0f} | {100 * (t / base - 1):+.1f}% | {cells} |")
-    print(
-        f"\nhook's own work = after_backward + after_step ({1000 * own['on']:.2f} ms at LOG_PERIOD "
-        f"{args.log_period}) + the comm hook's norm over the local gradients ({1000 * norm:.2f} ms)"
-    )
+        print(f"| {name} | {1000 * ms[name]:.0f} | {100 * (ms[name] / base - 1):+.1f}% |")
+    norm = ms["norm", ""]
+    print("\nThe hook's own work, timed directly (ms; % of the 'off' iteration):\n")
+    print("| | comm hook's norms | after_backward | after_step (all-reduce) | total |")
+    print("|---|---|---|---|---|")
+    for name in ("on", "on, log every it."):
+        parts = [norm, ms[name, "ab"], ms[name, "as"]]
+        cells = " | ".join(f"{1000 * t:.1f} ({100 * t / base:.2f}%)" for t in parts + [sum(parts)])
+        print(f"| {name} | {cells} |")
 
 
 def main():

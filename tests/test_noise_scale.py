@@ -116,6 +116,27 @@ def _bucketed(model, **kwargs):
     return DDP(model, bucket_cap_mb=0.001, **kwargs)  # a bucket closes at >= 262 floats
 
 
+class _ScaledLossTrainer(SimpleTrainer):
+    """detectron2's AMPTrainer step (it needs CUDA): backward of GradScaler-scaled losses, then
+    ``after_backward``, then the scaler's (skippable) step; float32 compute, so it runs on CPU."""
+
+    def __init__(self, model, data, optimizer, scale):
+        super().__init__(model, data, optimizer)
+        self.grad_scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+
+    def run_step(self):
+        loss = self.model(next(self._data_loader_iter))["loss"]
+        self.optimizer.zero_grad()
+        self.grad_scaler.scale(loss).backward()
+        self.after_backward()
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
+
+
+def _history(trainer):
+    return {k: [v for v, _ in trainer.storage.history(k).values()] for k in NOISE_SCALE_KEYS}
+
+
 def _least_squares_job(rank, world_size):
     torch.manual_seed(0)
     B = B_LOCAL * world_size
@@ -123,7 +144,14 @@ def _least_squares_job(rank, world_size):
     hook = _RecordingHook(B_LOCAL, B, ema=EMA, period=1)
     data = [_samples(it, rank) for it in range(ITERS)]
     trainer = _train(_bucketed(_LeastSquares()), data, 0.0, hook, ITERS)
-    history = {k: [v for v, _ in trainer.storage.history(k).values()] for k in NOISE_SCALE_KEYS}
+    history = _history(trainer)
+    # AMP: the loss scaled by 2^12, and an overflow (inf) at iteration 3, which the scaler skips
+    amp_data = data[:6]
+    amp_data[3] = torch.full_like(amp_data[3], float("inf")) if rank == 0 else amp_data[3]
+    model = _bucketed(_LeastSquares())
+    amp = _ScaledLossTrainer(model, iter(amp_data), torch.optim.SGD(model.parameters(), 0.0), 4096)
+    amp.register_hooks([NoiseScaleHook(B_LOCAL, B, ema=EMA, period=1)])
+    amp.train(0, len(amp_data))
     # the training result, with and without the hook: 20 SGD steps with momentum
     weights = []
     for with_hook in (True, False):
@@ -133,7 +161,13 @@ def _least_squares_job(rank, world_size):
             model, data[:20], 0.05, NoiseScaleHook(B_LOCAL, B, period=5) if with_hook else None, 20
         )
         weights.append(torch.cat([p.detach() for p in model.parameters()]))
-    return {"history": history, "local": hook.local, "latest": hook.latest, "weights": weights}
+    return {
+        "history": history,
+        "amp": _history(amp),
+        "local": hook.local,
+        "latest": hook.latest,
+        "weights": weights,
+    }
 
 
 @pytest.fixture(scope="module", params=[2, 4])
@@ -165,6 +199,15 @@ def test_logged_values_are_the_ema_of_the_per_iteration_estimates(least_squares)
         assert got["noise_scale/S"][it] == pytest.approx(s, rel=1e-5)
         b_simple = got["noise_scale/b_simple"][it]
         assert b_simple == pytest.approx(s / g2, rel=1e-5) if g2 > 0 else np.isnan(b_simple)
+
+
+def test_amp_loss_scale_is_divided_out_and_an_overflow_left_out(least_squares):
+    _, results = least_squares
+    got, amp = results[0]["history"], results[0]["amp"]
+    for key in NOISE_SCALE_KEYS:
+        assert amp[key][:3] == pytest.approx(got[key][:3], rel=1e-5)  # as without a scale
+        assert amp[key][3] == pytest.approx(amp[key][2], rel=1e-12)  # the overflow: left out
+        assert all(np.isfinite(amp[key][3:])) and amp[key][4] != amp[key][3]  # then goes on
 
 
 def test_estimates_match_the_per_sample_gradients(least_squares):

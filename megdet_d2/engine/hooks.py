@@ -152,14 +152,16 @@ class NoiseScaleHook(HookBase):
 
     def before_train(self):
         model = self.trainer.model
-        if comm.get_world_size() < 2 or not isinstance(
-            model, torch.nn.parallel.DistributedDataParallel
-        ):
+        if comm.get_world_size() < 2:
             logging.getLogger(__name__).info(
                 "MEGDET.NOISE_SCALE: the gradient noise scale needs two or more processes (it "
                 "compares each process's gradient with the all-reduced one); not measured here"
             )
             return
+        if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            raise TypeError(
+                f"NoiseScaleHook needs a DistributedDataParallel model, not {type(model).__name__}"
+            )
         self._state = LocalGradNorm(model.process_group)
         model.register_comm_hook(self._state, noise_scale_comm_hook)
 
