@@ -131,7 +131,8 @@ class NoiseScaleHook(HookBase):
     extra backward pass: each process's gradient before DDP's all-reduce is a batch-``b``
     gradient, the all-reduced one a batch-``B`` gradient (``MEGDET.NOISE_SCALE``).
 
-    Per iteration (no collective, no host sync on a GPU): :func:`noise_scale_comm_hook` sums the
+    Per iteration (no collective; on a GPU no host sync, except AMP's ``get_scale``; two
+    float32 norms over the gradients): :func:`noise_scale_comm_hook` sums the
     local |G_b|² over the buckets; ``after_backward`` reads |G_B|² from the parameters' ``.grad``
     (before gradient clipping, which detectron2 does inside ``optimizer.step``; AMP's loss scale
     divided out) and updates exponential moving averages (constant ``ema``, bias-corrected; an
