@@ -123,6 +123,17 @@ def add_megdet_config(cfg):
     # step) as "grad_norm" every iteration, to diagnose an unstable run next to "lr" and the
     # losses (GradNormHook; one norm per parameter per iteration, no collective).
     _C.MEGDET.LOG_GRAD_NORM = False
+    # Measure the gradient noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018):
+    # about the largest mini-batch that still trains nearly linearly faster (docs/lr_policy.md).
+    # A DDP comm hook takes each process's gradient before the all-reduce (batch IMS_PER_BATCH /
+    # processes) and the all-reduced one (batch IMS_PER_BATCH): no extra backward pass, one
+    # all_reduce of 3 values per log period; "noise_scale/{b_simple,S,G2}" in metrics.json, and
+    # at the end one line comparing the mini-batch with B_simple. Needs 2 or more processes.
+    _C.MEGDET.NOISE_SCALE = False
+    # Weight of the past in the per-iteration moving averages of the local and the all-reduced
+    # squared gradient norms (B_simple = EMA(S) / EMA(|G|^2)): 0.99 averages over ~100
+    # iterations; in [0, 1), 0 = each log period's last iteration alone (very noisy).
+    _C.MEGDET.NOISE_SCALE_EMA = 0.99
     # Seconds a process waits in a collective (all_reduce, broadcast, barrier) for the others
     # before the job fails with an error, instead of hanging when a process died, froze or
     # diverged. Given to every process group of the run: the world group, detectron2's

@@ -1,6 +1,7 @@
 """Figures 1 / 4: the series read from metrics.json are the ones plotted."""
 
 import json
+import math
 
 import pytest
 
@@ -81,3 +82,21 @@ def test_resumed_run_plots_each_evaluation_once(tmp_path):
     series = extract_series(str(tmp_path / "run"))
     assert series["ap"] == [10.0, 15.0] and series["iterations"] == [19, 29]
     assert series["hours"] == pytest.approx([0.2, 0.4])
+
+
+def test_noise_scale_panel_when_a_run_measured_it(tmp_path):
+    noise = [{"iteration": 9, "noise_scale/b_simple": 40.0, "noise_scale/S": 8.0},
+             {"iteration": 19, "noise_scale/b_simple": None},  # |G|² estimate not positive
+             {"iteration": 29, "noise_scale/b_simple": 80.0}]  # fmt: skip
+    _write_run(tmp_path / "b16", RECORDS + noise)
+    _write_run(tmp_path / "old", RECORDS)  # measured nothing: no B_simple curve
+    s16 = extract_series(str(tmp_path / "b16"))
+    assert s16["b_simple_epochs"] == [1.0, 2.0, 3.0] and s16["batch"] == 16
+    assert s16["b_simple"][0] == 40.0 and math.isnan(s16["b_simple"][1])
+    axes = main([str(tmp_path / "b16"), str(tmp_path / "old"), "--out", str(tmp_path / "x.png")])
+    assert len(axes) == 3
+    (curve,) = [line for line in axes[2].get_lines() if line.get_marker() == "."]
+    assert list(curve.get_xdata()) == [1.0, 2.0, 3.0] and curve.get_ydata()[2] == 80.0
+    (batch,) = [line for line in axes[2].get_lines() if line.get_linestyle() == ":"]
+    assert list(batch.get_ydata()) == [16, 16]  # the mini-batch, dotted
+    assert len(main([str(tmp_path / "old"), "--out", str(tmp_path / "y.png")])) == 2

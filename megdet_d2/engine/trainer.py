@@ -9,7 +9,8 @@ Detectron2's ``create_ddp_model`` always passes ``device_ids=[local_rank]``, whi
 several CPU (gloo) processes. ``create_ddp_model`` here leaves ``device_ids`` unset for CPU models
 and defers to detectron2 otherwise. ``MegDetTrainer`` uses it, and writes metrics every
 ``cfg.MEGDET.LOG_PERIOD`` iterations, with the Table 1 sample statistics (``MEGDET.SAMPLE_STATS``)
-and, optionally, the gradient norm (``MEGDET.LOG_GRAD_NORM``).
+and, optionally, the gradient norm (``MEGDET.LOG_GRAD_NORM``) and the gradient noise scale
+(``MEGDET.NOISE_SCALE``).
 
 For long runs it also: saves checkpoints atomically and refuses ones whose shapes do not fit
 (``MegDetCheckpointer``) or that load under half of the model; on ``--resume`` continues the
@@ -58,7 +59,7 @@ from ..modeling import apply_sublinear_memory
 from ..solver import build_lr_scheduler
 from ..utils.seeds import derived_seed
 from .checkpoint import MegDetCheckpointer, atomic_write
-from .hooks import GradNormHook, SampleStatsHook
+from .hooks import GradNormHook, NoiseScaleHook, SampleStatsHook
 from .supervise import reports_to_launcher
 
 __all__ = [
@@ -212,7 +213,7 @@ class MegDetTrainer(DefaultTrainer):
         ):
             super().__init__(cfg)
         # DefaultTrainer's inner SimpleTrainer calls after_backward on its own (empty) hook
-        # list: run this trainer's hooks there (GradNormHook needs the gradients).
+        # list: run this trainer's hooks there (GradNormHook, NoiseScaleHook need the gradients).
         self._trainer.after_backward = self.after_backward
 
     @classmethod
@@ -347,4 +348,14 @@ class MegDetTrainer(DefaultTrainer):
         if self.cfg.MEGDET.LOG_GRAD_NORM:  # before the writer, like the sample statistics
             writer = [i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)]
             ret.insert(writer[0] if writer else len(ret), GradNormHook())
+        if self.cfg.MEGDET.NOISE_SCALE:  # a collective every log period: before the writer
+            writer = [i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)]
+            batch = self.cfg.SOLVER.IMS_PER_BATCH
+            noise_scale = NoiseScaleHook(
+                batch // comm.get_world_size(),
+                batch,
+                ema=self.cfg.MEGDET.NOISE_SCALE_EMA,
+                period=self.cfg.MEGDET.LOG_PERIOD,
+            )
+            ret.insert(writer[0] if writer else len(ret), noise_scale)
         return ret

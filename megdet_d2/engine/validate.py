@@ -179,6 +179,12 @@ def check_values(cfg, training=True):
                 f"{key}={value!r} must be {'positive' if strict else 'non-negative'} "
                 f"({meaning}); set e.g. the default {config_value(default_config(), key)!r}"
             )
+    ema = cfg.MEGDET.NOISE_SCALE_EMA
+    if training and cfg.MEGDET.NOISE_SCALE and not 0 <= ema < 1:
+        raise ConfigError(
+            f"MEGDET.NOISE_SCALE_EMA={ema!r} must be in [0, 1) (weight of the past in the noise "
+            "scale's moving averages); set e.g. the default 0.99"
+        )
     sizes = cfg.INPUT.MIN_SIZE_TRAIN
     if training and (not sizes or any(size <= 0 for size in sizes)):
         raise ConfigError(
