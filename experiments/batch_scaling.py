@@ -34,7 +34,8 @@ config and a thinned metrics.json) under ``--records-dir`` (tracked in git,
 and goes on with the rest. Writes ``OUT_DIR/batch_scaling.json`` (one record per run),
 ``OUT_DIR/table.md`` (Table-3 style, mean ± std over seeds, and the update-count trend) and
 ``OUT_DIR/curves.png`` (Figures 1 and 4 via ``tools/plot_curves.py``); ``--docs`` also copies
-the json and figure to ``docs/``. About 3 hours on an idle 2-core machine with the defaults.
+the json and figures to ``docs/``; ``--report-only`` trains nothing and reports what has
+finished. About 3 hours on an idle 2-core machine with the defaults.
 
     python experiments/batch_scaling.py --out-dir output/batch_scaling --docs
     python experiments/batch_scaling.py --smoke --out-dir /tmp/bs  # under a minute: CI
@@ -51,7 +52,7 @@ import subprocess
 import sys
 from typing import NamedTuple, Optional
 
-from megdet_d2.utils import run_recorded, summarize_run
+from megdet_d2.utils import read_record, run_recorded, summarize_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "experiments", "shapes_hard_R18_FPN.yaml")
@@ -146,6 +147,8 @@ def parse_args(argv=None):
         help="CI: pretrain 30 steps, base + recipe_4x on 48 images x 2 epochs",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: report the finished (or restored) runs")  # fmt: skip
     args = parser.parse_args(argv)
     if args.smoke:
         args.runs = args.runs or list(SMOKE_RUNS)
@@ -513,6 +516,9 @@ def main(argv=None):
     os.makedirs(args.out_dir, exist_ok=True)
     names = run_names(args)
     restored = [] if args.dry_run else [restore(args, name) for name in names]
+    if args.report_only:  # e.g. while the series is still running, or on a fresh clone
+        records = [read_record(os.path.join(args.out_dir, name)) for name in names]
+        return report(args, [r for r in records if r is not None], args.docs)
     weights = pretrain(args) if args.dry_run or not all(restored) else None  # none to train
     if args.dry_run:
         commands = {name: train_command(args, name, weights) for name in names}

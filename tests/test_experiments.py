@@ -145,6 +145,11 @@ def test_batch_scaling_smoke(smoke_pretrained):
                                    "--records-dir", str(out / "records")])  # fmt: skip
     assert restored["runs"] == data["runs"] and not (fresh / "pretrained").exists()
     assert (fresh / "curves.png").stat().st_size > 10_000
+    # --report-only: what has finished, nothing trained (recipe_8x has no record)
+    only = ["--smoke", "--report-only", "--runs", "base", "recipe_4x", "recipe_8x"]
+    only = batch_scaling.main([*only, "--out-dir", str(out / "only"),
+                               "--records-dir", str(out / "records")])  # fmt: skip
+    assert only["runs"] == data["runs"] and not (out / "only" / "recipe_8x_s1").exists()
     # bn_stats_check.py on a kept checkpoint: evaluates it as trained and re-estimated
     report = bn_stats_check.main([str(out / "recipe_4x_s1"), "--batches", "2"])
     assert report["bn_layers"] == 23  # res3-res5 (stem, res2 frozen) and the FPN's 8 convs
