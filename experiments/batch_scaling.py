@@ -20,6 +20,8 @@ Issue #26's runs (the default), in the order they run:
 * ``base``: batch B, FrozenBN backbone (pretrained statistics), no FPN norm, r (3 seeds);
 * ``recipe_4x`` / ``recipe_8x`` / ``recipe_16x``: 4B / 8B / 16B, CGBN, k·r with warmup;
 * ``frozen_8x``: 8B, FrozenBN, k·r with warmup (Table 2's failure without BN);
+* ``base_noise``: ``base`` with the gradient noise scale measured (``MEGDET.NOISE_SCALE``):
+  B_simple after the first and last epoch against the batches (the weights equal ``base``'s);
 * ``base_long`` / ``recipe_8x_long``: the "long" preset's shape over 18/11 of the epochs (13).
 
 Issue #18's other kinds stay selectable with ``--runs`` (they run at the settings given):
@@ -52,7 +54,7 @@ import subprocess
 import sys
 from typing import NamedTuple, Optional
 
-from megdet_d2.utils import read_record, run_recorded, summarize_run
+from megdet_d2.utils import read_metrics, read_record, run_recorded, summarize_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "experiments", "shapes_hard_R18_FPN.yaml")
@@ -78,6 +80,7 @@ class Kind(NamedTuple):
     seeds: int
     num_train: Optional[int] = None  # None: --num-train
     schedule: str = "normal"
+    opts: tuple = ()  # further train_net.py overrides
 
 
 RUNS = {
@@ -91,6 +94,8 @@ RUNS = {
     "recipe_4x": Kind(16, "CGBN", "k*r", 1, 1),
     "recipe_16x": Kind(64, "CGBN", "k*r", 1, 1),
     "frozen_8x": Kind(32, "FrozenBN", "k*r", 1, 1),
+    # base with the gradient noise scale measured (issue #24): weights as base_s1's, bit for bit
+    "base_noise": Kind(4, "FrozenBN", "r", 0, 1, opts=("MEGDET.NOISE_SCALE", "True")),
     "base_long": Kind(4, "FrozenBN", "r", 0, 1, schedule="long"),
     "recipe_8x_long": Kind(32, "CGBN", "k*r", 1, 1, schedule="long"),
     # issue #18's other kinds: --runs only
@@ -237,7 +242,7 @@ def train_command(args, name, weights):
         "SOLVER.MEGDET.SCHEDULE", k.schedule, "SOLVER.MEGDET.EPOCHS", str(epochs(args, kind)),
         "SOLVER.MEGDET.EVAL_PERIOD_EPOCHS", "1", "SOLVER.MEGDET.CHECKPOINT_PERIOD_EPOCHS", "0",
         "SOLVER.CHECKPOINT_PERIOD", "1000000", "SOLVER.WARMUP_ITERS", str(warmup_iters),
-        "MEGDET.LOG_PERIOD", "1", "MEGDET.LOG_GRAD_NORM", "True", *NORMS[k.norm],
+        "MEGDET.LOG_PERIOD", "1", "MEGDET.LOG_GRAD_NORM", "True", *NORMS[k.norm], *k.opts,
         "SEED", str(seed), "OUTPUT_DIR", os.path.join(args.out_dir, name),
     ]  # fmt: skip
 
@@ -261,6 +266,7 @@ def make_record(args, name):
             "wall_s": round(wall, 1), "mmAP_per_epoch": summary["ap"],
             "mmAP": summary["ap"][-1] if complete else None,
             "mmAR": summary["ar"][-1] if complete else None, "exit": rc,
+            "b_simple_per_epoch": noise_scale_per_epoch(run_dir),
         }  # fmt: skip
         if rc == 0:
             archive(run_dir, os.path.join(args.records_dir, name), rec)
@@ -271,6 +277,37 @@ def make_record(args, name):
 
 ARCHIVED = ("record.json", "config.yaml", "metrics.json", "train.log")
 THIN = 20  # metrics.json keeps every evaluation and every THIN-th training line
+
+
+def noise_scale_per_epoch(run_dir):
+    """B_simple (``noise_scale/b_simple``, MEGDET.NOISE_SCALE) at each evaluation, i.e. at the
+    end of each epoch; [] when the run did not measure it."""
+    if not os.path.isfile(os.path.join(run_dir, "metrics.json")):
+        return []
+    latest, values = None, []
+    for r in read_metrics(run_dir):
+        latest = r.get("noise_scale/b_simple", latest)
+        if "bbox/AP" in r and latest is not None:
+            values.append(latest)
+    return values
+
+
+def noise_table(records):
+    """B_simple after the first and the last epoch of each run that measured it, and where the
+    series' batches stand against it (batch / B_simple)."""
+    batches = sorted({r["batch"] for r in records})
+    lines = [
+        "| run | epoch | B_simple (images) | "
+        + " | ".join(f"batch {b} / B_simple" for b in batches) + " |",
+        "|---|---|---|" + "---|" * len(batches),
+    ]  # fmt: skip
+    for r in records:
+        values = r.get("b_simple_per_epoch") or []
+        for epoch in sorted({1, len(values)}) if values else ():
+            v = values[epoch - 1]
+            ratios = " | ".join(f"{b / v:.2g}" if v and v > 0 else "—" for b in batches)
+            lines.append(f"| {r['name']} | {epoch} | {v:.3g} | {ratios} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def archive(run_dir, dest, rec):
@@ -474,6 +511,8 @@ def report(args, records, docs):
     rows = trend(records)
     if rows:
         text += "\n\n" + trend_table(rows)
+    if noise_table(records):
+        text += "\n\n" + noise_table(records)
         plot_trend(rows, os.path.join(args.out_dir, "trend.png"))
     print("\n" + text)
     with open(os.path.join(args.out_dir, "table.md"), "w") as f:

@@ -28,7 +28,8 @@ def test_batch_scaling_commands(tmp_path):
     assert list(cmds) == [
         "base_s1", "recipe_8x_s1", "base_n800_s1", "recipe_8x_n800_s1", "base_n1600_s1",
         "recipe_8x_n1600_s1", "base_s2", "recipe_8x_s2", "base_s3", "recipe_8x_s3",
-        "recipe_4x_s1", "recipe_16x_s1", "frozen_8x_s1", "base_long_s1", "recipe_8x_long_s1",
+        "recipe_4x_s1", "recipe_16x_s1", "frozen_8x_s1", "base_noise_s1", "base_long_s1",
+        "recipe_8x_long_s1",
     ]  # fmt: skip
     for name, batch, warmup, reference, norm, fpn, images, schedule, epochs in [
         ("base_s1", "4", "0", "4", "FrozenBN", "", "3200", "normal", "8"),
@@ -49,6 +50,8 @@ def test_batch_scaling_commands(tmp_path):
         assert _value(cmd, "SOLVER.MEGDET.SCHEDULE") == schedule
         assert _value(cmd, "SOLVER.MEGDET.EPOCHS") == epochs
         assert _value(cmd, "SEED") == name[-1] and _value(cmd, "MODEL.WEIGHTS")
+    assert _value(cmds["base_noise_s1"], "MEGDET.NOISE_SCALE") == "True"
+    assert "MEGDET.NOISE_SCALE" not in cmds["base_s1"]
     # issue #18's kinds stay selectable, at the settings given
     old = ["--runs", "bn_base", "recipe_8x_warmup3", "--num-train", "800", "--base-lr", "0.02"]
     old = batch_scaling.main(["--dry-run", "--out-dir", str(tmp_path), *old])
@@ -221,3 +224,25 @@ def test_update_count_trend():
     text = batch_scaling.trend_table(rows).splitlines()
     assert text[2] == "| 800 | 25 | 200 | 48.0 | 20.0 | -28.0 | -28.0 (1, 1) |"
     assert text[3] == "| 3200 | 100 | 800 | 50.0 | 47.0 | -3.0 | -27.5 (2, 2) |"
+
+
+def test_noise_scale_per_epoch_and_table(tmp_path):
+    """B_simple at each evaluation (the last value logged before it), then a table of the
+    first and last epoch against the series' batches."""
+    lines = [{"iteration": 0, "noise_scale/b_simple": 5.0}, {"iteration": 1, "bbox/AP": 1.0},
+             {"iteration": 2, "noise_scale/b_simple": 8.0}, {"iteration": 3},
+             {"iteration": 3, "bbox/AP": 2.0}]  # fmt: skip
+    (tmp_path / "metrics.json").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    assert batch_scaling.noise_scale_per_epoch(str(tmp_path)) == [5.0, 8.0]
+    assert batch_scaling.noise_scale_per_epoch(str(tmp_path / "none")) == []
+    records = [{"name": "base_noise_s1", "batch": 4, "b_simple_per_epoch": [5.0, 8.0]},
+               {"name": "recipe_8x_s1", "batch": 32, "b_simple_per_epoch": []}]  # fmt: skip
+    text = batch_scaling.noise_table(records).splitlines()
+    assert (
+        text[0] == "| run | epoch | B_simple (images) | batch 4 / B_simple | batch 32 / B_simple |"
+    )
+    assert text[2:] == [
+        "| base_noise_s1 | 1 | 5 | 0.8 | 6.4 |",
+        "| base_noise_s1 | 2 | 8 | 0.5 | 4 |",
+    ]
+    assert batch_scaling.noise_table(records[1:]) == ""
