@@ -315,7 +315,8 @@ def archive(run_dir, dest, rec):
     read) and the log's last lines, to ``dest``: small enough to commit."""
     os.makedirs(dest, exist_ok=True)
     shutil.copy(os.path.join(run_dir, "config.yaml"), dest)
-    lines = open(os.path.join(run_dir, "metrics.json")).read().splitlines()
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        lines = f.read().splitlines()
     kept = [
         line for i, line in enumerate(lines)
         if '"bbox/AP"' in line or i % THIN == THIN - 1 or i == len(lines) - 1
@@ -511,8 +512,9 @@ def report(args, records, docs):
     rows = trend(records)
     if rows:
         text += "\n\n" + trend_table(rows)
-    if noise_table(records):
-        text += "\n\n" + noise_table(records)
+    noise = noise_table(records)
+    if noise:
+        text += "\n\n" + noise
         plot_trend(rows, os.path.join(args.out_dir, "trend.png"))
     print("\n" + text)
     with open(os.path.join(args.out_dir, "table.md"), "w") as f:
