@@ -28,8 +28,8 @@ def test_batch_scaling_commands(tmp_path):
     assert list(cmds) == [
         "base_s1", "recipe_8x_s1", "base_n800_s1", "recipe_8x_n800_s1", "base_n1600_s1",
         "recipe_8x_n1600_s1", "base_s2", "recipe_8x_s2", "base_s3", "recipe_8x_s3",
-        "recipe_4x_s1", "recipe_16x_s1", "frozen_8x_s1", "base_noise_s1", "base_long_s1",
-        "recipe_8x_long_s1",
+        "recipe_4x_s1", "recipe_16x_s1", "frozen_8x_s1", "base_noise_s1", "recipe_8x_long_s1",
+        "base_long_s1",
     ]  # fmt: skip
     for name, batch, warmup, reference, norm, fpn, images, schedule, epochs in [
         ("base_s1", "4", "0", "4", "FrozenBN", "", "3200", "normal", "8"),
