@@ -513,10 +513,10 @@ def report(args, records, docs):
     rows = trend(records)
     if rows:
         text += "\n\n" + trend_table(rows)
+        plot_trend(rows, os.path.join(args.out_dir, "trend.png"))
     noise = noise_table(records)
     if noise:
         text += "\n\n" + noise
-        plot_trend(rows, os.path.join(args.out_dir, "trend.png"))
     print("\n" + text)
     with open(os.path.join(args.out_dir, "table.md"), "w") as f:
         f.write(text + "\n")

@@ -226,6 +226,28 @@ def test_update_count_trend():
     assert text[3] == "| 3200 | 100 | 800 | 50.0 | 47.0 | -3.0 | -27.5 (2, 2) |"
 
 
+def test_report_draws_the_trend_without_a_noise_run(tmp_path):
+    """The trend figure needs only the trend's runs: it is written (and copied to the docs)
+    when no run measured the noise scale."""
+
+    def rec(kind, batch, ap):
+        return {"name": f"{kind}_s1", "kind": kind, "batch": batch, "bn_size": 0,
+                "norm": "FrozenBN", "lr": "r", "warmup": False, "warmup_epochs": 0,
+                "num_train": 800,
+                "updates_per_epoch": 800 // batch, "iterations": 6400 // batch, "train_s": 1.0,
+                "wall_s": 2.0, "mmAP": ap, "mmAR": ap, "mmAP_per_epoch": [ap], "exit": 0,
+                "seed": 1, "schedule": "normal"}  # fmt: skip
+
+    out, docs = tmp_path / "out", tmp_path / "docs"
+    out.mkdir()
+    args = batch_scaling.parse_args(["--out-dir", str(out), "--docs-dir", str(docs)])
+    batch_scaling.report(args, [rec("base_n800", 4, 50.0), rec("recipe_8x_n800", 32, 20.0)], True)
+    assert (out / "trend.png").is_file() and (docs / "batch_scaling_trend.png").is_file()
+    assert (
+        "| 800 | 25 | 200 | 50.0 | 20.0 | -30.0 | -30.0 (1, 1) |" in (out / "table.md").read_text()
+    )
+
+
 def test_noise_scale_per_epoch_and_table(tmp_path):
     """B_simple at each evaluation (the last value logged before it), then a table of the
     first and last epoch against the series' batches."""
