@@ -115,6 +115,7 @@ TREND = {  # the update-count trend: kind -> the core kind it shrinks
     "base_n1600": "base", "recipe_8x_n1600": "recipe_8x",
 }  # fmt: skip
 SEEDS = (1, 2, 3)
+BATCH_KINDS = ("recipe_4x", "recipe_8x", "recipe_16x")  # the batch series on the base's images
 SMOKE_RUNS = ("base", "recipe_4x")
 
 
@@ -472,8 +473,38 @@ def trend_table(rows):
     return "\n".join(lines)
 
 
-def plot_trend(rows, out_path):
-    """recipe_8x's gap to the base against updates per epoch at 8x (seed 1 and mean)."""
+def batch_gaps(records):
+    """Each recipe batch's gap to ``base`` at the series' epoch size ("normal" shape, means over
+    seeds), with its updates per epoch: does the gap follow the batch or the updates?"""
+    runs = {}
+    for r in records:
+        if r["kind"] in ("base",) + BATCH_KINDS and r.get("schedule", "normal") == "normal":
+            runs.setdefault(r["kind"], []).append(r)
+    base = _mean([_score(r["mmAP"], r) for r in runs.get("base", [])])
+    points = []
+    for kind in BATCH_KINDS:
+        mean = _mean([_score(r["mmAP"], r) for r in runs.get(kind, [])])
+        if base is not None and mean is not None:
+            first = runs[kind][0]
+            points.append(
+                {"kind": kind, "batch": first["batch"], "seeds": len(runs[kind]),
+                 "updates_per_epoch": first["updates_per_epoch"], "gap": mean - base}
+            )  # fmt: skip
+    return points
+
+
+def batch_gap_table(points):
+    """``batch_gaps(records)`` as markdown."""
+    lines = ["| run | batch | updates / epoch | gap to base (means; seeds) |", "|---|---|---|---|"]
+    for p in points:
+        lines.append(f"| {p['kind']} | {p['batch']} | {p['updates_per_epoch']} "
+                     f"| {p['gap']:+.1f} ({p['seeds']}) |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot_trend(rows, out_path, points=()):
+    """recipe_8x's gap to the base against updates per epoch at 8x (seed 1 and mean), and each
+    recipe batch's gap at the series' epoch size (``batch_gaps``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -481,17 +512,25 @@ def plot_trend(rows, out_path):
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     x = [t["updates_per_epoch"] for t in rows]
-    for key, label in (("s1", "seed 1"), ("mean", "mean over seeds")):
+    for key, label in (("s1", "8×, seed 1"), ("mean", "8×, mean over seeds")):
         y = [t[f"recipe_8x_{key}"] - t[f"base_{key}"] if None not in
              (t[f"recipe_8x_{key}"], t[f"base_{key}"]) else float("nan") for t in rows]  # fmt: skip
         ax.plot(x, y, marker="o", label=label)
+    if points:
+        px = [p["updates_per_epoch"] for p in points]
+        ax.scatter(px, [p["gap"] for p in points], marker="s", color="black", zorder=3,
+                   label="4× / 8× / 16× on the same images, mean")  # fmt: skip
+        for p in points:
+            ax.annotate(f"{p['batch'] // BASE_BATCH}×", (p["updates_per_epoch"], p["gap"]),
+                        textcoords="offset points", xytext=(5, -10))  # fmt: skip
+        x = sorted(set(x) | set(px))
     ax.axhline(0, color="gray", linewidth=0.8)
     ax.set(xscale="log", xticks=x, xticklabels=[str(v) for v in x],
-           xlabel="updates per epoch at batch 32 (8 epochs)",
-           ylabel="recipe_8x − base (mmAP)", title="8× gap vs updates per epoch")  # fmt: skip
+           xlabel="updates per epoch (8 epochs)",
+           ylabel="recipe − base (mmAP)", title="gap to the base vs updates per epoch")  # fmt: skip
     ax.minorticks_off()
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_path, dpi=120)
     plt.close(fig)
@@ -511,9 +550,12 @@ def report(args, records, docs):
         json.dump(data, f, indent=1)
     text = table(records)
     rows = trend(records)
+    points = batch_gaps(records)
+    if points:
+        text += "\n\n" + batch_gap_table(points)
     if rows:
         text += "\n\n" + trend_table(rows)
-        plot_trend(rows, os.path.join(args.out_dir, "trend.png"))
+        plot_trend(rows, os.path.join(args.out_dir, "trend.png"), points)
     noise = noise_table(records)
     if noise:
         text += "\n\n" + noise

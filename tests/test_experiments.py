@@ -226,6 +226,29 @@ def test_update_count_trend():
     assert text[3] == "| 3200 | 100 | 800 | 50.0 | 47.0 | -3.0 | -27.5 (2, 2) |"
 
 
+def test_batch_gaps_on_the_same_images():
+    """Each recipe batch's gap to the base's mean at the series' epoch size, with its updates
+    per epoch; the long shape, the trend's sizes and batches without a run stay out."""
+
+    def rec(kind, batch, ap, schedule="normal"):
+        return {"kind": kind, "batch": batch, "mmAP": ap, "exit": 0, "schedule": schedule,
+                "updates_per_epoch": 3200 // batch}  # fmt: skip
+
+    records = [
+        rec("base", 4, 60.0), rec("base", 4, 62.0), rec("recipe_8x", 32, 58.0),
+        rec("recipe_8x", 32, None), rec("recipe_4x", 16, 60.5),  # no detection: 0
+        rec("recipe_8x_long", 32, 70.0, "long"), rec("recipe_8x_n800", 32, 1.0),
+    ]  # fmt: skip
+    points = batch_scaling.batch_gaps(records)
+    assert [(p["kind"], p["updates_per_epoch"], p["gap"], p["seeds"]) for p in points] == [
+        ("recipe_4x", 200, -0.5, 1), ("recipe_8x", 100, -32.0, 2)
+    ]  # fmt: skip
+    assert batch_scaling.batch_gap_table(points).splitlines()[2:] == [
+        "| recipe_4x | 16 | 200 | -0.5 (1) |", "| recipe_8x | 32 | 100 | -32.0 (2) |"
+    ]  # fmt: skip
+    assert batch_scaling.batch_gaps(records[2:]) == []  # no base
+
+
 def test_report_draws_the_trend_without_a_noise_run(tmp_path):
     """The trend figure needs only the trend's runs: it is written (and copied to the docs)
     when no run measured the noise scale."""
