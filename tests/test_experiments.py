@@ -132,10 +132,11 @@ def test_batch_scaling_smoke(smoke_pretrained):
         assert r["wall_s"] >= r["train_s"] > 0 and r["seed"] == 1
     metrics = [json.loads(line) for line in open(out / "recipe_4x_s1" / "metrics.json")]
     assert all("grad_norm" in m and "lr" in m for m in metrics if "total_loss" in m)
-    table = (out / "table.md").read_text().splitlines()
+    table, gaps = (t.splitlines() for t in (out / "table.md").read_text().split("\n\n"))
     assert len(table) == 4 and table[3].startswith(
         "| recipe_4x | 16 | 16 | CGBN | k*r | yes | 48 | 3 | 6 |"
     )
+    assert len(gaps) == 3 and gaps[2].startswith("| recipe_4x | 16 | 3 | ")  # gap to base_s1
     assert json.loads((docs / "batch_scaling.json").read_text())["runs"] == data["runs"]
     assert (docs / "batch_scaling.png").stat().st_size > 10_000
     again = batch_scaling.main(argv)  # resumable: both records found, nothing retrained
