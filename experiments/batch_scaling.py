@@ -269,6 +269,8 @@ def make_record(args, name):
             "mmAP": summary["ap"][-1] if complete else None,
             "mmAR": summary["ar"][-1] if complete else None, "exit": rc,
             "b_simple_per_epoch": noise_scale_per_epoch(run_dir),
+            "last_epoch_loss": last_epoch_loss(run_dir, summary["iterations"], epochs(args, kind))
+            if complete else None,
         }  # fmt: skip
         if rc == 0:
             archive(run_dir, os.path.join(args.records_dir, name), rec)
@@ -292,6 +294,29 @@ def noise_scale_per_epoch(run_dir):
         if "bbox/AP" in r and latest is not None:
             values.append(latest)
     return values
+
+
+def last_epoch_loss(run_dir, iterations, num_epochs):
+    """Mean ``total_loss`` over the last epoch's iterations (``metrics.json``): how far the
+    optimisation got, beside what the evaluation says; None without them."""
+    if not os.path.isfile(os.path.join(run_dir, "metrics.json")):
+        return None
+    start = iterations * (num_epochs - 1) / num_epochs
+    losses = [r["total_loss"] for r in read_metrics(run_dir)
+              if "total_loss" in r and r["iteration"] >= start]  # fmt: skip
+    return sum(losses) / len(losses) if losses else None
+
+
+def loss_table(records):
+    """Per kind, the records' ``last_epoch_loss``: the mean and each seed's."""
+    lines = ["| run | training loss, last epoch (mean; each seed) |", "|---|---|"]
+    for kind in dict.fromkeys(r["kind"] for r in records):
+        values = [r.get("last_epoch_loss") for r in records if r["kind"] == kind]
+        values = [v for v in values if v is not None]
+        if values:
+            each = ", ".join(f"{v:.3f}" for v in values)
+            lines.append(f"| {kind} | {sum(values) / len(values):.3f} ({each}) |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def noise_table(records):
@@ -559,6 +584,9 @@ def report(args, records, docs):
     noise = noise_table(records)
     if noise:
         text += "\n\n" + noise
+    losses = loss_table(records)
+    if losses:
+        text += "\n\n" + losses
     print("\n" + text)
     with open(os.path.join(args.out_dir, "table.md"), "w") as f:
         f.write(text + "\n")

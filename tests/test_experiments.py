@@ -132,11 +132,12 @@ def test_batch_scaling_smoke(smoke_pretrained):
         assert r["wall_s"] >= r["train_s"] > 0 and r["seed"] == 1
     metrics = [json.loads(line) for line in open(out / "recipe_4x_s1" / "metrics.json")]
     assert all("grad_norm" in m and "lr" in m for m in metrics if "total_loss" in m)
-    table, gaps = (t.splitlines() for t in (out / "table.md").read_text().split("\n\n"))
+    table, gaps, losses = (t.splitlines() for t in (out / "table.md").read_text().split("\n\n"))
     assert len(table) == 4 and table[3].startswith(
         "| recipe_4x | 16 | 16 | CGBN | k*r | yes | 48 | 3 | 6 |"
     )
     assert len(gaps) == 3 and gaps[2].startswith("| recipe_4x | 16 | 3 | ")  # gap to base_s1
+    assert len(losses) == 4 and losses[3].startswith("| recipe_4x | ")  # last-epoch loss
     assert json.loads((docs / "batch_scaling.json").read_text())["runs"] == data["runs"]
     assert (docs / "batch_scaling.png").stat().st_size > 10_000
     again = batch_scaling.main(argv)  # resumable: both records found, nothing retrained
@@ -248,6 +249,21 @@ def test_batch_gaps_on_the_same_images():
         "| recipe_4x | 16 | 200 | -0.5 (1) |", "| recipe_8x | 32 | 100 | -32.0 (2) |"
     ]  # fmt: skip
     assert batch_scaling.batch_gaps(records[2:]) == []  # no base
+
+
+def test_last_epoch_loss_and_table(tmp_path):
+    """The mean logged training loss over the last epoch, per run and per kind (records written
+    before it existed have none)."""
+    lines = [{"iteration": i, "total_loss": float(i)} for i in range(8)] + [{"iteration": 7}]
+    (tmp_path / "metrics.json").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    assert batch_scaling.last_epoch_loss(str(tmp_path), 8, 4) == 6.5  # iterations 6 and 7
+    assert batch_scaling.last_epoch_loss(str(tmp_path / "none"), 8, 4) is None
+    rec = {"name": "base_s1", "kind": "base", "last_epoch_loss": 6.5}
+    records = [rec, dict(rec, name="base_s2", last_epoch_loss=5.5),
+               {"name": "recipe_8x_s1", "kind": "recipe_8x"}]  # fmt: skip
+    text = batch_scaling.loss_table(records)
+    assert text.splitlines()[2:] == ["| base | 6.000 (6.500, 5.500) |"]
+    assert batch_scaling.loss_table(records[2:]) == ""
 
 
 def test_report_draws_the_trend_without_a_noise_run(tmp_path):
