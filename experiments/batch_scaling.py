@@ -34,10 +34,11 @@ same command continues an interrupted series. Each finished run is also archived
 config and a thinned metrics.json) under ``--records-dir`` (tracked in git,
 ``experiments/records/batch_scaling``): a fresh clone restores the runs whose settings match
 and goes on with the rest. Writes ``OUT_DIR/batch_scaling.json`` (one record per run),
-``OUT_DIR/table.md`` (Table-3 style, mean ± std over seeds, and the update-count trend) and
+``OUT_DIR/table.md`` (Table-3 style, mean ± std over seeds; each recipe batch's gap to the
+base; the update-count trend; B_simple; the last epoch's training loss) and
 ``OUT_DIR/curves.png`` (Figures 1 and 4 via ``tools/plot_curves.py``); ``--docs`` also copies
 the json and figures to ``docs/``; ``--report-only`` trains nothing and reports what has
-finished. About 3 hours on an idle 2-core machine with the defaults.
+finished. About 5.5 hours on an idle 2-core machine with the defaults (docs/experiments.md).
 
     python experiments/batch_scaling.py --out-dir output/batch_scaling --docs
     python experiments/batch_scaling.py --smoke --out-dir /tmp/bs  # under a minute: CI
