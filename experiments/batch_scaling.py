@@ -257,6 +257,7 @@ def make_record(args, name):
 
     def record(run_dir, rc, wall):
         summary = summarize_run(run_dir) or {"ap": [], "ar": [], "iterations": 0, "train_s": 0}
+        metrics = run_metrics(run_dir)
         complete = rc == 0 and len(summary["ap"]) == epochs(args, kind)
         if not args.keep_checkpoints and os.path.isfile(os.path.join(run_dir, "model_final.pth")):
             os.remove(os.path.join(run_dir, "model_final.pth"))
@@ -269,8 +270,8 @@ def make_record(args, name):
             "wall_s": round(wall, 1), "mmAP_per_epoch": summary["ap"],
             "mmAP": summary["ap"][-1] if complete else None,
             "mmAR": summary["ar"][-1] if complete else None, "exit": rc,
-            "b_simple_per_epoch": noise_scale_per_epoch(run_dir),
-            "last_epoch_loss": last_epoch_loss(run_dir, summary["iterations"], epochs(args, kind))
+            "b_simple_per_epoch": noise_scale_per_epoch(metrics),
+            "last_epoch_loss": last_epoch_loss(metrics, summary["iterations"], epochs(args, kind))
             if complete else None,
         }  # fmt: skip
         if rc == 0:
@@ -284,39 +285,39 @@ ARCHIVED = ("record.json", "config.yaml", "metrics.json", "train.log")
 THIN = 20  # metrics.json keeps every evaluation and every THIN-th training line
 
 
-def noise_scale_per_epoch(run_dir):
+def run_metrics(run_dir):
+    """``read_metrics(run_dir)``, or [] when the run wrote no metrics.json."""
+    return read_metrics(run_dir) if os.path.isfile(os.path.join(run_dir, "metrics.json")) else []
+
+
+def noise_scale_per_epoch(metrics):
     """B_simple (``noise_scale/b_simple``, MEGDET.NOISE_SCALE) at each evaluation, i.e. at the
-    end of each epoch; [] when the run did not measure it."""
-    if not os.path.isfile(os.path.join(run_dir, "metrics.json")):
-        return []
+    end of each epoch, from a run's ``run_metrics``; [] when the run did not measure it."""
     latest, values = None, []
-    for r in read_metrics(run_dir):
+    for r in metrics:
         latest = r.get("noise_scale/b_simple", latest)
         if "bbox/AP" in r and latest is not None:
             values.append(latest)
     return values
 
 
-def last_epoch_loss(run_dir, iterations, num_epochs):
-    """Mean ``total_loss`` over the last epoch's iterations (``metrics.json``): how far the
-    optimisation got, beside what the evaluation says; None without them."""
-    if not os.path.isfile(os.path.join(run_dir, "metrics.json")):
-        return None
+def last_epoch_loss(metrics, iterations, num_epochs):
+    """Mean ``total_loss`` over the last epoch's iterations of a run's ``run_metrics``: how far
+    the optimisation got, beside what the evaluation says; None without them."""
     start = iterations * (num_epochs - 1) / num_epochs
-    losses = [r["total_loss"] for r in read_metrics(run_dir)
-              if "total_loss" in r and r["iteration"] >= start]  # fmt: skip
-    return sum(losses) / len(losses) if losses else None
+    return _mean([r["total_loss"] for r in metrics
+                  if "total_loss" in r and r["iteration"] >= start])  # fmt: skip
 
 
 def loss_table(records):
     """Per kind, the records' ``last_epoch_loss``: the mean and each seed's."""
     lines = ["| run | training loss, last epoch (mean; each seed) |", "|---|---|"]
     for kind in dict.fromkeys(r["kind"] for r in records):
-        values = [r.get("last_epoch_loss") for r in records if r["kind"] == kind]
-        values = [v for v in values if v is not None]
+        values = [r["last_epoch_loss"] for r in records
+                  if r["kind"] == kind and r.get("last_epoch_loss") is not None]  # fmt: skip
         if values:
             each = ", ".join(f"{v:.3f}" for v in values)
-            lines.append(f"| {kind} | {sum(values) / len(values):.3f} ({each}) |")
+            lines.append(f"| {kind} | {_mean(values):.3f} ({each}) |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 

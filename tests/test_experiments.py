@@ -256,8 +256,13 @@ def test_last_epoch_loss_and_table(tmp_path):
     before it existed have none)."""
     lines = [{"iteration": i, "total_loss": float(i)} for i in range(8)] + [{"iteration": 7}]
     (tmp_path / "metrics.json").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
-    assert batch_scaling.last_epoch_loss(str(tmp_path), 8, 4) == 6.5  # iterations 6 and 7
-    assert batch_scaling.last_epoch_loss(str(tmp_path / "none"), 8, 4) is None
+    assert (
+        batch_scaling.last_epoch_loss(batch_scaling.run_metrics(str(tmp_path)), 8, 4) == 6.5
+    )  # iterations 6 and 7
+    assert (
+        batch_scaling.last_epoch_loss(batch_scaling.run_metrics(str(tmp_path / "none")), 8, 4)
+        is None
+    )
     rec = {"name": "base_s1", "kind": "base", "last_epoch_loss": 6.5}
     records = [rec, dict(rec, name="base_s2", last_epoch_loss=5.5),
                {"name": "recipe_8x_s1", "kind": "recipe_8x"}]  # fmt: skip
@@ -295,8 +300,13 @@ def test_noise_scale_per_epoch_and_table(tmp_path):
              {"iteration": 2, "noise_scale/b_simple": 8.0}, {"iteration": 3},
              {"iteration": 3, "bbox/AP": 2.0}]  # fmt: skip
     (tmp_path / "metrics.json").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
-    assert batch_scaling.noise_scale_per_epoch(str(tmp_path)) == [5.0, 8.0]
-    assert batch_scaling.noise_scale_per_epoch(str(tmp_path / "none")) == []
+    assert batch_scaling.noise_scale_per_epoch(batch_scaling.run_metrics(str(tmp_path))) == [
+        5.0,
+        8.0,
+    ]
+    assert (
+        batch_scaling.noise_scale_per_epoch(batch_scaling.run_metrics(str(tmp_path / "none"))) == []
+    )
     records = [{"name": "base_noise_s1", "batch": 4, "b_simple_per_epoch": [5.0, 8.0]},
                {"name": "recipe_8x_s1", "batch": 32, "b_simple_per_epoch": []}]  # fmt: skip
     text = batch_scaling.noise_table(records).splitlines()
