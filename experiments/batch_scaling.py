@@ -15,11 +15,12 @@ Issue #26's runs (the default), in the order they run:
 
 * ``base`` / ``recipe_8x`` seed 1, then the update-count trend ``base_n800``,
   ``recipe_8x_n800``, ``base_n1600``, ``recipe_8x_n1600`` (800 / 1,600 images an epoch, with
-  the 3,200 of ``base`` / ``recipe_8x``: 25, 50, 100 updates per epoch at 8x), then seeds 2
-  and 3 of ``base`` and ``recipe_8x``, then the rest;
+  the 3,200 of ``base`` / ``recipe_8x``: 25, 50, 100 updates per epoch at 8x) and its
+  FrozenBN line ``frozen_8x_n800``, ``frozen_8x_n1600`` (is the gap the updates, or training BN
+  in few of them?), then seeds 2 and 3 of ``base`` and ``recipe_8x``, then the rest;
 * ``base``: batch B, FrozenBN backbone (pretrained statistics), no FPN norm, r (3 seeds);
 * ``recipe_4x`` / ``recipe_8x`` / ``recipe_16x``: 4B / 8B / 16B, CGBN, k·r with warmup;
-* ``frozen_8x``: 8B, FrozenBN, k·r with warmup (Table 2's failure without BN);
+* ``frozen_8x``: 8B, FrozenBN, k·r with warmup (Table 2: batch 32 without BN);
 * ``base_noise``: ``base`` with the gradient noise scale measured (``MEGDET.NOISE_SCALE``):
   B_simple after the first and last epoch against the batches (the weights equal ``base``'s);
 * ``recipe_8x_long`` / ``base_long``: the "long" preset's shape over 18/11 of the epochs (13).
@@ -38,7 +39,7 @@ and goes on with the rest. Writes ``OUT_DIR/batch_scaling.json`` (one record per
 base; the update-count trend; B_simple; the last epoch's training loss) and
 ``OUT_DIR/curves.png`` (Figures 1 and 4 via ``tools/plot_curves.py``); ``--docs`` also copies
 the json and figures to ``docs/``; ``--report-only`` trains nothing and reports what has
-finished. About 5.5 hours on an idle 2-core machine with the defaults (docs/experiments.md).
+finished. About 5.7 hours on an idle 2-core machine with the defaults (docs/experiments.md).
 
     python experiments/batch_scaling.py --out-dir output/batch_scaling --docs
     python experiments/batch_scaling.py --smoke --out-dir /tmp/bs  # under a minute: CI
@@ -100,6 +101,9 @@ RUNS = {
     # Figure 4: recipe_8x long first (the issue asks for it; base long "if time allows")
     "recipe_8x_long": Kind(32, "CGBN", "k*r", 1, 1, schedule="long"),
     "base_long": Kind(4, "FrozenBN", "r", 0, 1, schedule="long"),
+    # the trend without BN: is it the updates, or training BN in few updates? (item 5)
+    "frozen_8x_n800": Kind(32, "FrozenBN", "k*r", 1, 1, num_train=800),
+    "frozen_8x_n1600": Kind(32, "FrozenBN", "k*r", 1, 1, num_train=1600),
     # issue #18's other kinds: --runs only
     "bn_base": Kind(4, "CGBN", "r", 0, 3),
     "recipe_8x_nowarmup": Kind(32, "CGBN", "k*r", 0, 1),
@@ -109,12 +113,14 @@ RUNS = {
     "trend_bn8": Kind(8, "CGBN", "k*r", 1, 3),
     "recipe_8x_warmup3": Kind(32, "CGBN", "k*r", 3, 3),
 }
-DEFAULT_RUNS = tuple(RUNS)[: list(RUNS).index("base_long") + 1]
+DEFAULT_RUNS = tuple(RUNS)[: list(RUNS).index("frozen_8x_n1600") + 1]
 CORE = ("base", "recipe_8x")  # the claim: first seed early, the others before the rest
 TREND = {  # the update-count trend: kind -> the core kind it shrinks
     "base_n800": "base", "recipe_8x_n800": "recipe_8x",
     "base_n1600": "base", "recipe_8x_n1600": "recipe_8x",
+    "frozen_8x_n800": "frozen_8x", "frozen_8x_n1600": "frozen_8x",
 }  # fmt: skip
+FROZEN = "frozen_8x"  # the trend's run without BN, beside recipe_8x (seed 1)
 SEEDS = (1, 2, 3)
 BATCH_KINDS = ("recipe_4x", "recipe_8x", "recipe_16x")  # the batch series on the base's images
 SMOKE_RUNS = ("base", "recipe_4x")
@@ -454,25 +460,29 @@ def table(records):
 def trend(records):
     """The update-count trend (issue #26): for each epoch size with a ``base`` and a
     ``recipe_8x`` run ("normal" shape), updates per epoch at 8x and the gap, seed 1 (the one
-    seed every size has) and the mean over the seeds there are. ``[]`` if no size has both."""
+    seed every size has) and the mean over the seeds there are; and ``frozen_8x``'s seed 1
+    (8x without BN) where it ran. ``[]`` if no size has both core kinds."""
     by = {}
     for r in records:
         kind = TREND.get(r["kind"], r["kind"])
-        if kind in CORE and r.get("schedule", "normal") == "normal" and "num_train" in r:
+        normal = r.get("schedule", "normal") == "normal"
+        if kind in CORE + (FROZEN,) and normal and "num_train" in r:
             by.setdefault(r["num_train"], {}).setdefault(kind, []).append(r)
+
+    def seed1(runs):
+        return next((_score(r["mmAP"], r) for r in runs if r["seed"] == SEEDS[0]), None)
+
     rows = []
     for images in sorted(by):
-        if set(by[images]) != set(CORE):
+        if not set(CORE) <= set(by[images]):
             continue
         base, big = (by[images][k] for k in CORE)
-        s1 = [next((_score(r["mmAP"], r) for r in runs if r["seed"] == SEEDS[0]), None)
-              for runs in (base, big)]  # fmt: skip
         means = [_mean([_score(r["mmAP"], r) for r in runs]) for runs in (base, big)]
         rows.append({
             "images": images, "updates_per_epoch": big[0]["updates_per_epoch"],
-            "updates": big[0]["iterations"], "base_s1": s1[0], "recipe_8x_s1": s1[1],
+            "updates": big[0]["iterations"], "base_s1": seed1(base), "recipe_8x_s1": seed1(big),
             "base_mean": means[0], "recipe_8x_mean": means[1],
-            "seeds": (len(base), len(big)),
+            "seeds": (len(base), len(big)), "frozen_8x_s1": seed1(by[images].get(FROZEN, [])),
         })  # fmt: skip
     return rows
 
@@ -488,14 +498,16 @@ def trend_table(rows):
 
     lines = [
         "| images / epoch | updates / epoch at 8× | updates at 8× | base (seed 1) "
-        "| recipe_8x (seed 1) | gap (seed 1) | gap (mean: base, recipe_8x seeds) |",
-        "|---|---|---|---|---|---|---|",
+        "| recipe_8x (seed 1) | gap (seed 1) | gap (mean: base, recipe_8x seeds) "
+        "| frozen_8x (seed 1) | frozen_8x gap (seed 1) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for t in rows:
         lines.append(
             f"| {t['images']} | {t['updates_per_epoch']} | {t['updates']} | {num(t['base_s1'])} "
             f"| {num(t['recipe_8x_s1'])} | {gap(t['base_s1'], t['recipe_8x_s1'])} "
-            f"| {gap(t['base_mean'], t['recipe_8x_mean'])} ({t['seeds'][0]}, {t['seeds'][1]}) |"
+            f"| {gap(t['base_mean'], t['recipe_8x_mean'])} ({t['seeds'][0]}, {t['seeds'][1]}) "
+            f"| {num(t['frozen_8x_s1'])} | {gap(t['base_s1'], t['frozen_8x_s1'])} |"
         )
     return "\n".join(lines)
 
@@ -530,8 +542,9 @@ def batch_gap_table(points):
 
 
 def plot_trend(rows, out_path, points=()):
-    """recipe_8x's gap to the base against updates per epoch at 8x (seed 1 and mean), and each
-    recipe batch's gap at the series' epoch size (``batch_gaps``)."""
+    """recipe_8x's gap to the base against updates per epoch at 8x (seed 1 and mean), frozen_8x's
+    (seed 1) where it ran, and each recipe batch's gap at the series' epoch size
+    (``batch_gaps``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -543,6 +556,10 @@ def plot_trend(rows, out_path, points=()):
         y = [t[f"recipe_8x_{key}"] - t[f"base_{key}"] if None not in
              (t[f"recipe_8x_{key}"], t[f"base_{key}"]) else float("nan") for t in rows]  # fmt: skip
         ax.plot(x, y, marker="o", label=label)
+    frozen = [(t["updates_per_epoch"], t["frozen_8x_s1"] - t["base_s1"]) for t in rows
+              if None not in (t["frozen_8x_s1"], t["base_s1"])]  # fmt: skip
+    if frozen:
+        ax.plot(*zip(*frozen), marker="^", linestyle="--", label="8× FrozenBN, seed 1")
     if points:
         px = [p["updates_per_epoch"] for p in points]
         ax.scatter(px, [p["gap"] for p in points], marker="s", color="black", zorder=3,

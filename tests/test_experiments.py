@@ -27,9 +27,9 @@ def test_batch_scaling_commands(tmp_path):
     cmds = batch_scaling.main(["--dry-run", "--out-dir", str(tmp_path)])
     assert list(cmds) == [
         "base_s1", "recipe_8x_s1", "base_n800_s1", "recipe_8x_n800_s1", "base_n1600_s1",
-        "recipe_8x_n1600_s1", "base_s2", "recipe_8x_s2", "base_s3", "recipe_8x_s3",
-        "recipe_4x_s1", "recipe_16x_s1", "frozen_8x_s1", "base_noise_s1", "recipe_8x_long_s1",
-        "base_long_s1",
+        "recipe_8x_n1600_s1", "frozen_8x_n800_s1", "frozen_8x_n1600_s1", "base_s2",
+        "recipe_8x_s2", "base_s3", "recipe_8x_s3", "recipe_4x_s1", "recipe_16x_s1",
+        "frozen_8x_s1", "base_noise_s1", "recipe_8x_long_s1", "base_long_s1",
     ]  # fmt: skip
     for name, batch, warmup, reference, norm, fpn, images, schedule, epochs in [
         ("base_s1", "4", "0", "4", "FrozenBN", "", "3200", "normal", "8"),
@@ -38,6 +38,7 @@ def test_batch_scaling_commands(tmp_path):
         ("base_n1600_s1", "4", "0", "4", "FrozenBN", "", "1600", "normal", "8"),
         ("recipe_16x_s1", "64", "50", "4", "CGBN", "CGBN", "3200", "normal", "8"),
         ("frozen_8x_s1", "32", "100", "4", "FrozenBN", "", "3200", "normal", "8"),
+        ("frozen_8x_n800_s1", "32", "25", "4", "FrozenBN", "", "800", "normal", "8"),
         ("recipe_8x_long_s1", "32", "100", "4", "CGBN", "CGBN", "3200", "long", "13"),
     ]:  # fmt: skip
         cmd = cmds[name]
@@ -197,8 +198,9 @@ def test_table_counts_a_run_without_detections_as_zero():
 
 
 def test_update_count_trend():
-    """The gap to the base per epoch size: seed 1 and the mean; sizes without both kinds, the
-    long shape and other kinds (recipe_8x_nowarmup is not recipe_8x) stay out."""
+    """The gap to the base per epoch size: seed 1 and the mean, and frozen_8x's where it ran;
+    sizes without both core kinds, the long shape and other kinds (recipe_8x_nowarmup is not
+    recipe_8x, frozen_8x_halflr not frozen_8x) stay out."""
 
     def rec(kind, images, seed, ap, schedule="normal"):
         batch = 32 if "8x" in kind else 4
@@ -212,6 +214,8 @@ def test_update_count_trend():
         rec("base_n800", 800, 1, 48.0), rec("recipe_8x_n800", 800, 1, 20.0),
         rec("base_n1600", 1600, 1, 49.0),  # its recipe_8x not run yet
         rec("recipe_8x_nowarmup", 3200, 1, 1.0), rec("recipe_8x_long", 3200, 1, 2.0, "long"),
+        rec("frozen_8x_n800", 800, 1, 45.0), rec("frozen_8x_halflr", 3200, 1, 3.0),
+        rec("frozen_8x_n1600", 1600, 1, 46.0),  # no recipe_8x at 1,600: no row
     ]  # fmt: skip
     rows = batch_scaling.trend(records)
     assert [(t["images"], t["updates_per_epoch"], t["updates"]) for t in rows] == [
@@ -224,8 +228,9 @@ def test_update_count_trend():
         (2, 2),
     )
     text = batch_scaling.trend_table(rows).splitlines()
-    assert text[2] == "| 800 | 25 | 200 | 48.0 | 20.0 | -28.0 | -28.0 (1, 1) |"
-    assert text[3] == "| 3200 | 100 | 800 | 50.0 | 47.0 | -3.0 | -27.5 (2, 2) |"
+    assert (rows[0]["frozen_8x_s1"], rows[1]["frozen_8x_s1"]) == (45.0, None)
+    assert text[2] == "| 800 | 25 | 200 | 48.0 | 20.0 | -28.0 | -28.0 (1, 1) | 45.0 | -3.0 |"
+    assert text[3] == "| 3200 | 100 | 800 | 50.0 | 47.0 | -3.0 | -27.5 (2, 2) | — | — |"
 
 
 def test_batch_gaps_on_the_same_images():
@@ -272,8 +277,8 @@ def test_last_epoch_loss_and_table(tmp_path):
 
 
 def test_report_draws_the_trend_without_a_noise_run(tmp_path):
-    """The trend figure needs only the trend's runs: it is written (and copied to the docs)
-    when no run measured the noise scale."""
+    """The trend figure needs only the trend's runs (here with the FrozenBN line): it is written
+    (and copied to the docs) when no run measured the noise scale."""
 
     def rec(kind, batch, ap):
         return {"name": f"{kind}_s1", "kind": kind, "batch": batch, "bn_size": 0,
@@ -286,10 +291,12 @@ def test_report_draws_the_trend_without_a_noise_run(tmp_path):
     out, docs = tmp_path / "out", tmp_path / "docs"
     out.mkdir()
     args = batch_scaling.parse_args(["--out-dir", str(out), "--docs-dir", str(docs)])
-    batch_scaling.report(args, [rec("base_n800", 4, 50.0), rec("recipe_8x_n800", 32, 20.0)], True)
+    records = [rec("base_n800", 4, 50.0), rec("recipe_8x_n800", 32, 20.0)]
+    batch_scaling.report(args, records + [rec("frozen_8x_n800", 32, 45.0)], True)
     assert (out / "trend.png").is_file() and (docs / "batch_scaling_trend.png").is_file()
     assert (
-        "| 800 | 25 | 200 | 50.0 | 20.0 | -30.0 | -30.0 (1, 1) |" in (out / "table.md").read_text()
+        "| 800 | 25 | 200 | 50.0 | 20.0 | -30.0 | -30.0 (1, 1) | 45.0 | -5.0 |"
+        in (out / "table.md").read_text()
     )
 
 
