@@ -278,13 +278,24 @@ def make_record(args, name):
             "mmAR": summary["ar"][-1] if complete else None, "exit": rc,
             "b_simple_per_epoch": noise_scale_per_epoch(metrics),
             "last_epoch_loss": last_epoch_loss(metrics, summary["iterations"], epochs(args, kind))
-            if complete else None,
+            if complete else None, "diverged": diverged(run_dir, rc),
         }  # fmt: skip
-        if rc == 0:
+        if rc == 0 or rec["diverged"]:
             archive(run_dir, os.path.join(args.records_dir, name), rec)
         return rec
 
     return record
+
+
+def diverged(run_dir, rc):
+    """A failed run that stopped on a FloatingPointError (non-finite losses or predictions)
+    diverged: a result (Table 2's "failed"), archived and not run again, unlike a crash or a
+    kill."""
+    path = os.path.join(run_dir, "train.log")
+    if rc == 0 or not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        return "FloatingPointError" in f.read()
 
 
 ARCHIVED = ("record.json", "config.yaml", "metrics.json", "train.log")
@@ -376,7 +387,8 @@ def restore(args, name):
         return False
     with open(path) as f:
         rec = json.load(f)
-    if rec.get("exit") != 0 or any(rec.get(k) != v for k, v in settings(args, kind).items()):
+    finished = rec.get("exit") == 0 or rec.get("diverged")
+    if not finished or any(rec.get(k) != v for k, v in settings(args, kind).items()):
         return False
     os.makedirs(run_dir, exist_ok=True)
     for file in ARCHIVED:
@@ -442,6 +454,10 @@ def table(records):
         aps = [_score(r["mmAP"], r) for r in rows]
         ars = [_score(r["mmAR"], r) for r in rows]
         curves = [[_score(v, r) for v in r["mmAP_per_epoch"]] for r in rows if r["exit"] == 0]
+        ap = _fmt(aps)
+        if any(r.get("diverged") for r in rows):
+            at = ", ".join(str(r["iterations"]) for r in rows if r.get("diverged"))
+            ap = ("" if ap == "—" else f"{ap}; ") + f"diverged at iteration {at}"
         per_epoch = " / ".join(
             f"{_mean(c):.1f}" if _mean(c) is not None else "—" for c in zip(*curves)
         ) if curves else "—"  # fmt: skip
@@ -450,7 +466,7 @@ def table(records):
             f"| {_warmup(first)} | {first.get('num_train', '—')} "
             f"| {first.get('updates_per_epoch', '—')} | {first['iterations']} "
             f"| {_mean([r['train_s'] for r in rows]):.0f} "
-            f"| {_mean([r['wall_s'] for r in rows]):.0f} | {_fmt(aps)} "
+            f"| {_mean([r['wall_s'] for r in rows]):.0f} | {ap} "
             f"| {_fmt(ars)} | {per_epoch} "
             f"| {','.join(str(r['exit']) for r in rows)} |"
         )
@@ -461,7 +477,8 @@ def trend(records):
     """The update-count trend (issue #26): for each epoch size with a ``base`` and a
     ``recipe_8x`` run ("normal" shape), updates per epoch at 8x and the gap, seed 1 (the one
     seed every size has) and the mean over the seeds there are; and ``frozen_8x``'s seed 1
-    (8x without BN) where it ran. ``[]`` if no size has both core kinds."""
+    (8x without BN) where it ran, or the iteration where it diverged. ``[]`` if no size has
+    both core kinds."""
     by = {}
     for r in records:
         kind = TREND.get(r["kind"], r["kind"])
@@ -483,6 +500,8 @@ def trend(records):
             "updates": big[0]["iterations"], "base_s1": seed1(base), "recipe_8x_s1": seed1(big),
             "base_mean": means[0], "recipe_8x_mean": means[1],
             "seeds": (len(base), len(big)), "frozen_8x_s1": seed1(by[images].get(FROZEN, [])),
+            "frozen_8x_diverged": next((r["iterations"] for r in by[images].get(FROZEN, [])
+                                        if r["seed"] == SEEDS[0] and r.get("diverged")), None),
         })  # fmt: skip
     return rows
 
@@ -507,8 +526,9 @@ def trend_table(rows):
             f"| {t['images']} | {t['updates_per_epoch']} | {t['updates']} | {num(t['base_s1'])} "
             f"| {num(t['recipe_8x_s1'])} | {gap(t['base_s1'], t['recipe_8x_s1'])} "
             f"| {gap(t['base_mean'], t['recipe_8x_mean'])} ({t['seeds'][0]}, {t['seeds'][1]}) "
-            f"| {num(t['frozen_8x_s1'])} | {gap(t['base_s1'], t['frozen_8x_s1'])} |"
-        )
+            + (f"| diverged (iteration {t['frozen_8x_diverged']}) | — |" if t["frozen_8x_diverged"]
+               else f"| {num(t['frozen_8x_s1'])} | {gap(t['base_s1'], t['frozen_8x_s1'])} |")
+        )  # fmt: skip
     return "\n".join(lines)
 
 
@@ -552,7 +572,7 @@ def plot_trend(rows, out_path, points=()):
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     x = [t["updates_per_epoch"] for t in rows]
-    for key, label in (("s1", "8×, seed 1"), ("mean", "8×, mean over seeds")):
+    for key, label in (("s1", "8× CGBN, seed 1"), ("mean", "8× CGBN, mean over seeds")):
         y = [t[f"recipe_8x_{key}"] - t[f"base_{key}"] if None not in
              (t[f"recipe_8x_{key}"], t[f"base_{key}"]) else float("nan") for t in rows]  # fmt: skip
         ax.plot(x, y, marker="o", label=label)
@@ -560,6 +580,11 @@ def plot_trend(rows, out_path, points=()):
               if None not in (t["frozen_8x_s1"], t["base_s1"])]  # fmt: skip
     if frozen:
         ax.plot(*zip(*frozen), marker="^", linestyle="--", label="8× FrozenBN, seed 1")
+    failed = [(t["updates_per_epoch"], -t["base_s1"]) for t in rows
+              if t["frozen_8x_diverged"] and t["base_s1"] is not None]  # fmt: skip
+    if failed:
+        ax.scatter(*zip(*failed), marker="x", color="red", zorder=3,
+                   label="8× FrozenBN diverged (no model: −base)")  # fmt: skip
     if points:
         px = [p["updates_per_epoch"] for p in points]
         ax.scatter(px, [p["gap"] for p in points], marker="s", color="black", zorder=3,

@@ -3,12 +3,14 @@ tiny runs, resuming), pretrain_backbone.py's checkpoint."""
 
 import json
 import os
+import sys
 
 import pytest
 import torch
 from detectron2.modeling import build_model
 
 from megdet_d2.engine import MegDetCheckpointer
+from megdet_d2.utils import run_recorded
 from tests.utils.scripts import load_script
 
 batch_scaling = load_script("experiments/batch_scaling.py")
@@ -178,7 +180,7 @@ def test_bn_statistics_gap_in_standard_deviations():
 
 def test_table_counts_a_run_without_detections_as_zero():
     """A finished run that detects nothing scores 0 in the mean (not left out); a failed run
-    has no score."""
+    has no score, and one that diverged says where."""
 
     def rec(seed, ap, exit=0):
         return {"kind": "recipe_8x", "batch": 32, "bn_size": 32, "norm": "CGBN", "lr": "k*r",
@@ -189,6 +191,10 @@ def test_table_counts_a_run_without_detections_as_zero():
     assert "| 10.0 ± 12.5 (0.0, 6.0, 24.0) |" in row and "| 10.0 / 10.0 | 0,0,0 |" in row
     row = batch_scaling.table([rec(1, None, exit=1), rec(2, 6.0)]).splitlines()[2]
     assert "| 6.0 |" in row and row.endswith("| 1,0 |")
+    diverged = dict(rec(1, None, exit=1), diverged=True, iterations=32)
+    row = batch_scaling.table([diverged, rec(2, 6.0)]).splitlines()[2]
+    assert "| 6.0; diverged at iteration 32 |" in row
+    assert "| diverged at iteration 32 |" in batch_scaling.table([diverged]).splitlines()[2]
     # the warmup column: one epoch "yes" (also for records from before warmup_epochs), else N
     longer = dict(rec(1, 6.0), kind="recipe_8x_warmup3", warmup_epochs=3)
     rows = batch_scaling.table([rec(1, 6.0), longer]).splitlines()[2:]
@@ -231,6 +237,37 @@ def test_update_count_trend():
     assert (rows[0]["frozen_8x_s1"], rows[1]["frozen_8x_s1"]) == (45.0, None)
     assert text[2] == "| 800 | 25 | 200 | 48.0 | 20.0 | -28.0 | -28.0 (1, 1) | 45.0 | -3.0 |"
     assert text[3] == "| 3200 | 100 | 800 | 50.0 | 47.0 | -3.0 | -27.5 (2, 2) | — | — |"
+
+
+def test_a_diverged_run_is_kept_and_not_run_again(tmp_path):
+    """A run that stopped on a FloatingPointError diverged: a result (Table 2's "failed"), not
+    run again and restored from the archive like a finished run; a crash is run again."""
+    crash = [sys.executable, "-c", "raise SystemExit(3)"]
+    diverge = [sys.executable, "-c", "raise FloatingPointError('Training has diverged.')"]
+    calls = []
+
+    def make_record(run_dir, rc, wall):
+        calls.append(rc)
+        return {"exit": rc, "diverged": batch_scaling.diverged(run_dir, rc)}
+
+    out = str(tmp_path / "out")
+    assert run_recorded("a", crash, out, out, make_record) == {"exit": 3, "diverged": False}
+    assert run_recorded("a", diverge, out, out, make_record) == {"exit": 1, "diverged": True}
+    assert run_recorded("a", crash, out, out, make_record)["diverged"] and calls == [3, 1]
+    assert not batch_scaling.diverged(os.path.join(out, "a"), 0)
+
+    args = batch_scaling.parse_args(["--out-dir", out, "--records-dir", str(tmp_path / "rec")])
+    name = "frozen_8x_n800_s1"
+    rec = {"exit": 1, "diverged": True, **batch_scaling.settings(args, "frozen_8x_n800")}
+    os.makedirs(tmp_path / "rec" / name)
+    for file in batch_scaling.ARCHIVED:
+        (tmp_path / "rec" / name / file).write_text(json.dumps(rec))
+    assert batch_scaling.restore(args, name) and os.path.isfile(
+        os.path.join(out, name, "train.log")
+    )
+    os.remove(os.path.join(out, name, "record.json"))
+    (tmp_path / "rec" / name / "record.json").write_text(json.dumps(dict(rec, diverged=False)))
+    assert not batch_scaling.restore(args, name)  # a crash is not a result
 
 
 def test_batch_gaps_on_the_same_images():

@@ -69,11 +69,13 @@ def read_record(run_dir):
 
 def run_recorded(name, cmd, out_dir, cwd, make_record, rerun_failed=True):
     """Run one command unless ``out_dir/name/record.json`` exists (a finished run; a failed
-    one is run again when ``rerun_failed``), then write its record: ``make_record(run_dir,
-    exit status, wall-clock seconds)`` -> dict. Returns the record."""
+    one is run again when ``rerun_failed``, unless its record says it diverged: a result, not
+    an accident), then write its record: ``make_record(run_dir, exit status, wall-clock
+    seconds)`` -> dict. Returns the record."""
     run_dir = os.path.join(out_dir, name)
     record = read_record(run_dir)
-    if record is not None and (record.get("exit") == 0 or not rerun_failed):
+    done = record is not None and (record.get("exit") == 0 or record.get("diverged"))
+    if done or (record is not None and not rerun_failed):
         print(f"== {name}: done before (record.json), skipped", flush=True)
         return record
     rc, wall = run_training_commands({name: cmd}, out_dir, cwd)[name]
