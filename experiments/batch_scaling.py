@@ -39,7 +39,7 @@ and goes on with the rest. Writes ``OUT_DIR/batch_scaling.json`` (one record per
 base; the update-count trend; B_simple; the last epoch's training loss) and
 ``OUT_DIR/curves.png`` (Figures 1 and 4 via ``tools/plot_curves.py``); ``--docs`` also copies
 the json and figures to ``docs/``; ``--report-only`` trains nothing and reports what has
-finished. About 5.7 hours on an idle 2-core machine with the defaults (docs/experiments.md).
+finished. About 5.6 hours on an idle 2-core machine with the defaults (docs/experiments.md).
 
     python experiments/batch_scaling.py --out-dir output/batch_scaling --docs
     python experiments/batch_scaling.py --smoke --out-dir /tmp/bs  # under a minute: CI
