@@ -30,8 +30,9 @@ Issue #18's other kinds stay selectable with ``--runs`` (they run at the setting
 3-epoch warmup), ``frozen_8x_halflr`` (k·r/2), ``perproc_bn_8x`` (per-process BN, BN size 16),
 ``trend_bn2`` / ``trend_bn8`` (the BN-size trend).
 
-Resumable run by run: a run whose ``OUT_DIR/<run>/record.json`` says exit 0 is skipped, so the
-same command continues an interrupted series. Each finished run is also archived (its record,
+Resumable run by run: a run whose ``OUT_DIR/<run>/record.json`` says exit 0 (or that it
+diverged: a result, as in Table 2) is skipped, so the same command continues an interrupted
+series. Each finished run is also archived (its record,
 config and a thinned metrics.json) under ``--records-dir`` (tracked in git,
 ``experiments/records/batch_scaling``): a fresh clone restores the runs whose settings match
 and goes on with the rest. Writes ``OUT_DIR/batch_scaling.json`` (one record per run),
