@@ -57,7 +57,7 @@ import subprocess
 import sys
 from typing import NamedTuple, Optional
 
-from megdet_d2.utils import read_metrics, read_record, run_recorded, summarize_run
+from megdet_d2.utils import finished, read_metrics, read_record, run_recorded, summarize_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "experiments", "shapes_hard_R18_FPN.yaml")
@@ -281,7 +281,7 @@ def make_record(args, name):
             "last_epoch_loss": last_epoch_loss(metrics, summary["iterations"], epochs(args, kind))
             if complete else None, "diverged": diverged(run_dir, rc),
         }  # fmt: skip
-        if rc == 0 or rec["diverged"]:
+        if finished(rec):
             archive(run_dir, os.path.join(args.records_dir, name), rec)
         return rec
 
@@ -388,8 +388,7 @@ def restore(args, name):
         return False
     with open(path) as f:
         rec = json.load(f)
-    finished = rec.get("exit") == 0 or rec.get("diverged")
-    if not finished or any(rec.get(k) != v for k, v in settings(args, kind).items()):
+    if not finished(rec) or any(rec.get(k) != v for k, v in settings(args, kind).items()):
         return False
     os.makedirs(run_dir, exist_ok=True)
     for file in ARCHIVED:
@@ -488,7 +487,10 @@ def trend(records):
             by.setdefault(r["num_train"], {}).setdefault(kind, []).append(r)
 
     def seed1(runs):
-        return next((_score(r["mmAP"], r) for r in runs if r["seed"] == SEEDS[0]), None)
+        return next((r for r in runs if r["seed"] == SEEDS[0]), None)
+
+    def score(record):
+        return None if record is None else _score(record["mmAP"], record)
 
     rows = []
     for images in sorted(by):
@@ -496,13 +498,14 @@ def trend(records):
             continue
         base, big = (by[images][k] for k in CORE)
         means = [_mean([_score(r["mmAP"], r) for r in runs]) for runs in (base, big)]
+        frozen = seed1(by[images].get(FROZEN, []))
         rows.append({
             "images": images, "updates_per_epoch": big[0]["updates_per_epoch"],
-            "updates": big[0]["iterations"], "base_s1": seed1(base), "recipe_8x_s1": seed1(big),
-            "base_mean": means[0], "recipe_8x_mean": means[1],
-            "seeds": (len(base), len(big)), "frozen_8x_s1": seed1(by[images].get(FROZEN, [])),
-            "frozen_8x_diverged": next((r["iterations"] for r in by[images].get(FROZEN, [])
-                                        if r["seed"] == SEEDS[0] and r.get("diverged")), None),
+            "updates": big[0]["iterations"], "base_s1": score(seed1(base)),
+            "recipe_8x_s1": score(seed1(big)), "base_mean": means[0], "recipe_8x_mean": means[1],
+            "seeds": (len(base), len(big)), "frozen_8x_s1": score(frozen),
+            "frozen_8x_diverged": frozen["iterations"] if frozen and frozen.get("diverged")
+            else None,
         })  # fmt: skip
     return rows
 

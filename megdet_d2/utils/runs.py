@@ -8,7 +8,7 @@ import time
 
 from .outputs import read_metrics
 
-__all__ = ["read_record", "run_recorded", "run_training_commands", "summarize_run"]
+__all__ = ["finished", "read_record", "run_recorded", "run_training_commands", "summarize_run"]
 
 RECORD = "record.json"  # a finished run's record, in its output folder
 
@@ -67,15 +67,19 @@ def read_record(run_dir):
         return json.load(f)
 
 
+def finished(record):
+    """Whether a run's record is a result: it exited 0, or it diverged (a result, not an
+    accident like a crash or a kill, which is run again)."""
+    return record.get("exit") == 0 or bool(record.get("diverged"))
+
+
 def run_recorded(name, cmd, out_dir, cwd, make_record, rerun_failed=True):
-    """Run one command unless ``out_dir/name/record.json`` exists (a finished run; a failed
-    one is run again when ``rerun_failed``, unless its record says it diverged: a result, not
-    an accident), then write its record: ``make_record(run_dir, exit status, wall-clock
-    seconds)`` -> dict. Returns the record."""
+    """Run one command unless ``out_dir/name/record.json`` exists and is ``finished`` (any
+    record, when not ``rerun_failed``), then write its record: ``make_record(run_dir, exit
+    status, wall-clock seconds)`` -> dict. Returns the record."""
     run_dir = os.path.join(out_dir, name)
     record = read_record(run_dir)
-    done = record is not None and (record.get("exit") == 0 or record.get("diverged"))
-    if done or (record is not None and not rerun_failed):
+    if record is not None and (finished(record) or not rerun_failed):
         print(f"== {name}: done before (record.json), skipped", flush=True)
         return record
     rc, wall = run_training_commands({name: cmd}, out_dir, cwd)[name]
